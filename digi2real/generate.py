@@ -1,0 +1,250 @@
+"""The Arc2Face diffusion stage on diffusers.
+
+Reads as the stages of diffusers' StableDiffusionPipeline — ``check_inputs`` -> encode id
+(+ domain shift) -> prepare latents -> denoise -> decode — each a small method that also takes a
+precomputed input (``cond``, ``latents``, per-image ``seeds``/``generators``).
+
+Each image's initial noise comes from its own CPU ``torch.Generator`` (CUDA generators draw
+different numbers), so an image does not depend on which batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from digi2real.conditioning import IdentityEncoder
+
+if TYPE_CHECKING:
+    from digi2real.domain_shift import DomainShift
+    from digi2real.weights import WeightsDir
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("dpmsolver++",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sampler: str = "dpmsolver++"
+    steps: int = 25
+    guidance: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be in 1..1000, got {self.steps}")
+        if not math.isfinite(self.guidance) or self.guidance < 1.0:
+            raise ValueError(f"guidance must be a finite number >= 1, got {self.guidance}")
+
+
+@dataclass
+class GenerationOutput:
+    """Images plus what produced them, row-aligned."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8 RGB
+    seeds: list[int | None]
+    settings: SamplerSettings
+    dtype: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self.settings), "dtype": self.dtype}
+
+
+class Arc2FaceGenerator:
+    """UNet + VAE + DPM-Solver++ driven by an :class:`IdentityEncoder`."""
+
+    def __init__(
+        self,
+        unet: Any,
+        vae: Any,
+        encoder: IdentityEncoder,
+        scheduler_config: dict[str, Any],
+        *,
+        settings: SamplerSettings | None = None,
+    ) -> None:
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.encoder = encoder
+        self.scheduler_config = dict(scheduler_config)
+        self.settings = settings or SamplerSettings()
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(unet.config.in_channels)
+        self.latent_size = int(unet.config.sample_size)
+        self.resolution = self.latent_size * self.vae_scale_factor
+        if unet.config.cross_attention_dim != encoder.hidden_size:
+            raise ValueError(
+                f"UNet cross_attention_dim {unet.config.cross_attention_dim} != encoder width "
+                f"{encoder.hidden_size}: weights from different profiles?"
+            )
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: WeightsDir,
+        *,
+        id_dim: int,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        settings: SamplerSettings | None = None,
+        shift: DomainShift | None = None,
+    ) -> Arc2FaceGenerator:
+        import json
+
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        torch_dtype = parse_dtype(dtype)
+        unet = UNet2DConditionModel.from_pretrained(weights.unet, torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(weights.vae, torch_dtype=torch_dtype)
+        encoder = IdentityEncoder.from_weights(
+            weights, id_dim=id_dim, device=device, dtype=torch_dtype, shift=shift
+        )
+        scheduler_config = json.loads(
+            (weights.scheduler / "scheduler_config.json").read_text(encoding="utf-8")
+        )
+        return cls(unet.to(device), vae.to(device), encoder, scheduler_config, settings=settings)
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in DTYPES.items()}[self.dtype]
+
+    def make_scheduler(self, steps: int) -> Any:
+        from diffusers import DPMSolverMultistepScheduler
+
+        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        id_embeds: np.ndarray | torch.Tensor | None,
+        cond: torch.Tensor | None,
+        seeds: Sequence[int] | None,
+        generators: Sequence[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> int:
+        if (id_embeds is None) == (cond is None):
+            raise ValueError("pass exactly one of id_embeds or cond")
+        if cond is not None:
+            expected = self.encoder.sequence_shape
+            if cond.ndim != 3 or tuple(cond.shape[1:]) != expected:
+                raise ValueError(
+                    f"cond must have shape (N, {expected[0]}, {expected[1]}), got {tuple(cond.shape)}"
+                )
+            n = int(cond.shape[0])
+        else:
+            n = len(id_embeds)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("empty batch: nothing to generate")
+        given = [x is not None for x in (seeds, generators, latents)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of seeds, generators or latents")
+        for name, value in (("seeds", seeds), ("generators", generators)):
+            if value is not None and len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries for a batch of {n}")
+        if latents is not None:
+            shape = (n, self.latent_channels, self.latent_size, self.latent_size)
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return n
+
+    def encode(self, id_embeds: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode(id_embeds)
+
+    def prepare_latents(
+        self,
+        *,
+        seeds: Sequence[int] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        init_noise_sigma: float = 1.0,
+    ) -> torch.Tensor:
+        if generators is None:
+            assert seeds is not None
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        shape = (1, self.latent_channels, self.latent_size, self.latent_size)
+        noise = torch.cat(
+            [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        )
+        return (noise * init_noise_sigma).to(self.device, self.dtype)
+
+    def denoise(
+        self, latents: torch.Tensor, cond: torch.Tensor, scheduler: Any, guidance: float
+    ) -> torch.Tensor:
+        n = latents.shape[0]
+        uncond = self.encoder.encode_empty().to(self.device, self.dtype).expand(n, -1, -1)
+        context = torch.cat([uncond, cond.to(self.device, self.dtype)])
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            noise = self.unet(model_input, t, encoder_hidden_states=context).sample
+            noise_uncond, noise_cond = noise.chunk(2)
+            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        scaled = latents / self.vae.config.scaling_factor
+        image = self.vae.decode(scaled.to(self.vae.dtype)).sample
+        image = (image / 2 + 0.5).clamp(0, 1)
+        array = image.permute(0, 2, 3, 1).float().cpu().numpy()
+        return (array * 255).round().astype(np.uint8)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        id_embeds: np.ndarray | torch.Tensor | None = None,
+        *,
+        cond: torch.Tensor | None = None,
+        seeds: Sequence[int] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        settings: SamplerSettings | None = None,
+    ) -> GenerationOutput:
+        settings = settings or self.settings
+        self.check_inputs(id_embeds, cond, seeds, generators, latents)
+        if cond is None:
+            cond = self.encode(id_embeds)  # type: ignore[arg-type]
+        scheduler = self.make_scheduler(settings.steps)
+        if latents is None:
+            latents = self.prepare_latents(
+                seeds=seeds,
+                generators=generators,
+                init_noise_sigma=float(scheduler.init_noise_sigma),
+            )
+        else:
+            latents = latents.to(self.device, self.dtype)
+        latents = self.denoise(latents, cond, scheduler, settings.guidance)
+        images = self.decode(latents)
+        return GenerationOutput(
+            images=images,
+            seeds=list(seeds) if seeds is not None else [None] * len(images),
+            settings=settings,
+            dtype=self.dtype_name,
+        )

@@ -1,0 +1,186 @@
+"""``convert``: plan (or reopen) OUT, run the uncommitted shards, finalise."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from digi2real.config import Config
+from digi2real.runner.finalize import Summary, environment, finalize
+from digi2real.runner.local import RunOutcome, run_in_process, run_workers
+from digi2real.runner.plan import Plan, is_committed, make_plan, prepare_out
+from digi2real.runner.shard import ShardResult
+from digi2real.weights import open_weights, sha256_file, verify
+
+logger = logging.getLogger(__name__)
+
+# measured order of magnitude at Arc2Face defaults; a preflight estimate, not a promise
+IMAGES_PER_GPU_SECOND = 2.0
+BYTES_PER_IMAGE = 6_000  # 112x112 JPEG at quality 95 plus manifest/embedding share
+
+
+class ConvertError(RuntimeError):
+    pass
+
+
+def derived_fields(config: Config) -> dict[str, Any]:
+    """Digests that change the output although their paths may move (weights, stats)."""
+    weights = open_weights(config.weights) if config.weights else None
+    derived: dict[str, Any] = {"weights_digest": weights.digest if weights else None}
+    if config.shift.method != "none" and config.shift.alpha > 0:
+        for name in ("real_stats", "synthetic_stats"):
+            path = getattr(config.shift, name)
+            derived[f"shift_{name}_sha256"] = sha256_file(path) if path else None
+    return derived
+
+
+def devices_for(config: Config) -> list[str]:
+    import torch
+
+    spec = config.run.devices
+    if spec is None:
+        return []
+    if spec == "all":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError("--devices all: torch sees no CUDA device")
+        return [f"cuda:{i}" for i in range(count)]
+    if spec.startswith("cpu"):
+        _, _, n = spec.partition("x")
+        return ["cpu"] * int(n or 1)
+    devices = []
+    for part in spec.split(","):
+        if not part.strip().isdigit():
+            raise ValueError(f"bad --devices entry {part!r}; use e.g. 0,1 or all or cpux2")
+        devices.append(f"cuda:{int(part)}")
+    return devices
+
+
+@dataclass
+class Progress:
+    total_targets: int
+    bar: Any = None
+    accepted: int = 0
+    generated: int = 0
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, result: ShardResult) -> None:
+        self.accepted += result.accepted
+        self.generated += result.generated
+        if self.bar is not None:
+            self.bar.update(result.accepted + result.rejected)
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            rate = self.accepted / max(self.generated, 1)
+            self.bar.set_postfix(accepted=f"{rate:.0%}", img_s=f"{self.generated / elapsed:.2f}")
+
+
+def preflight(config: Config, out: Path) -> dict[str, Any]:
+    """The plan and what a run needs, without generating."""
+    import onnxruntime
+
+    from digi2real.runner.engine import resolve_device
+
+    plan = make_plan(config)
+    targets = plan.num_identities * config.interpolation.outputs_per_identity
+    expected_attempts = targets * 1.2
+    weights_check = verify(config.weights) if config.weights else None
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    writable = _writable(probe)
+    device = resolve_device(config.run.device)
+    return {
+        "identities": plan.num_identities,
+        "source_images": plan.num_images,
+        "shards": len(plan.shards),
+        "targets": targets,
+        "scan_errors": len(plan.errors),
+        "estimated_gpu_hours": expected_attempts / IMAGES_PER_GPU_SECOND / 3600,
+        "estimated_disk_gb": targets * BYTES_PER_IMAGE * (len(config.output.formats)) / 1e9,
+        "weights": "ok"
+        if weights_check and weights_check.ok
+        else (weights_check.problems if weights_check else "not set"),
+        "torch_device": device,
+        "onnxruntime_providers_available": onnxruntime.get_available_providers(),
+        "free_disk_gb": free / 1e9,
+        "out_writable": writable,
+    }
+
+
+def _writable(directory: Path) -> bool:
+    probe = (
+        directory
+        / f".digi2real-write-probe-{hashlib.sha1(str(directory).encode()).hexdigest()[:8]}"
+    )
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def convert(
+    config: Config,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Summary:
+    out = Path(out)
+    config.validate()
+    if config.weights is None:
+        raise ValueError("no weights: pass --weights DIR (see `digi2real weights --help`)")
+    weights = open_weights(config.weights)
+    plan: Plan = prepare_out(out, config, derived_fields(config), overwrite=overwrite)
+    todo = [s for s in range(len(plan.shards)) if not is_committed(out, s)]
+    logger.info("%d shards planned, %d to run", len(plan.shards), len(todo))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=sum(len(plan.shards[s]) for s in todo)
+            * config.interpolation.outputs_per_identity,
+            unit="img",
+            desc="convert",
+            dynamic_ncols=True,
+        )
+    tracker = Progress(0, bar)
+    devices = devices_for(config)
+    from digi2real.runner.engine import resolve_device
+
+    if config.run.runner == "ray":
+        from digi2real.runner.ray import run_ray
+
+        outcome: RunOutcome = run_ray(config, out, plan, todo, on_result=tracker)
+    elif len(devices) > 1:
+        outcome = run_workers(config, out, plan, todo, devices=devices, on_result=tracker)
+    elif todo:
+        device = devices[0] if devices else config.run.device
+        outcome = run_in_process(config, out, plan, todo, device=device, on_result=tracker)
+    else:
+        outcome = RunOutcome()
+    if bar is not None:
+        bar.close()
+    if outcome.failed:
+        details = "\n  ".join(f"shard {s}: {e}" for s, e in sorted(outcome.failed.items()))
+        raise ConvertError(
+            f"{len(outcome.failed)} shard(s) failed after retries; committed shards are kept, "
+            f"re-run the same command to retry them:\n  {details}"
+        )
+    device = resolve_device(config.run.device if not devices else "auto")
+    from digi2real.runner.engine import resolve_dtype
+
+    env = environment(
+        device, resolve_dtype(config.generation.dtype, device), config.generation.compile
+    )
+    manifest = {"profile": weights.profile, "digest": weights.digest, "files": list(weights.files)}
+    return finalize(out, config, plan, weights_manifest=manifest, env=env)

@@ -1,0 +1,257 @@
+"""Finalisation: committed shard parts -> the dataset's global files.
+
+Runs in the driver once every shard is committed, and is idempotent: every file it writes is
+rebuilt from the shard parts, so a crash during finalisation is repaired by running it again.
+Labels are assigned here (contiguous over sorted accepted identity names, torchvision
+ImageFolder order); formats that need them (WebDataset keys, RecordIO) are assembled here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from digi2real import __version__, faults
+from digi2real.config import Config
+from digi2real.data import fsio
+from digi2real.data.writers import Sample, get_writer, sample_key
+from digi2real.runner.plan import Plan, error_table, is_committed, shard_dir, state_dir
+from digi2real.runner.shard import MANIFEST_SCHEMA, REJECTED_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    out: Path
+    identities: int
+    images: int
+    rejected: int
+    errors: int
+    formats: list[str]
+
+    def lines(self) -> list[str]:
+        return [
+            f"accepted images:   {self.images} ({self.identities} identities)",
+            f"rejected targets:  {self.rejected}  -> {self.out / 'rejected.parquet'}",
+            f"errors (skipped):  {self.errors}  -> {self.out / 'errors.parquet'}",
+            f"images:            {self.out / 'images'}",
+            f"manifest:          {self.out / 'manifest.parquet'}",
+            f"formats:           {', '.join(self.formats)}",
+        ]
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    fsio.atomic_write_bytes(path, buffer.getvalue().to_pybytes())
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
+    fsio.atomic_write_bytes(path, buffer.getvalue())
+
+
+def environment(device: str, dtype: str, compile_flag: bool) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "insightface",
+        "numpy",
+    ):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return {
+        "digi2real": __version__,
+        "python": platform.python_version(),
+        "packages": versions,
+        "torch_cuda": torch.version.cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "device": device,
+        "dtype": dtype,
+        "compile": compile_flag,
+    }
+
+
+def finalize(
+    out: Path,
+    config: Config,
+    plan: Plan,
+    *,
+    weights_manifest: dict[str, Any],
+    env: dict[str, Any],
+) -> Summary:
+    out = Path(out)
+    missing = [s for s in range(len(plan.shards)) if not is_committed(out, s)]
+    if missing:
+        raise RuntimeError(f"cannot finalise: shards not committed: {missing[:20]}")
+    faults.point("finalize-start")
+    manifests, rejected, errors, outputs, targets = [], [], [error_table(plan.errors)], [], []
+    for shard in range(len(plan.shards)):
+        part = shard_dir(out, shard)
+        manifests.append(pq.read_table(part / "manifest.parquet", schema=MANIFEST_SCHEMA))
+        rejected.append(pq.read_table(part / "rejected.parquet", schema=REJECTED_SCHEMA))
+        errors.append(pq.read_table(part / "errors.parquet").cast(errors[0].schema))
+        outputs.append(np.load(part / "outputs.npy"))
+        targets.append(np.load(part / "targets.npy"))
+    manifest = pa.concat_tables(manifests) if manifests else MANIFEST_SCHEMA.empty_table()
+    identities = sorted(set(manifest.column("identity").to_pylist()))
+    labels = {name: i for i, name in enumerate(identities)}
+    label_col = [labels[n] for n in manifest.column("identity").to_pylist()]
+    key_col = [
+        sample_key(lab, idx)
+        for lab, idx in zip(label_col, manifest.column("index").to_pylist(), strict=True)
+    ]
+    manifest = manifest.set_column(
+        manifest.schema.get_field_index("label"), "label", pa.array(label_col, pa.int64())
+    )
+    manifest = manifest.set_column(
+        manifest.schema.get_field_index("key"), "key", pa.array(key_col, pa.string())
+    )
+    state = state_dir(out)
+    dim = outputs[0].shape[1] if outputs else 0
+    _write_npy(state / "outputs.npy", np.concatenate(outputs) if outputs else np.zeros((0, dim)))
+    _write_npy(state / "targets.npy", np.concatenate(targets) if targets else np.zeros((0, dim)))
+    rejected_table = pa.concat_tables(rejected) if rejected else REJECTED_SCHEMA.empty_table()
+    errors_table = pa.concat_tables(errors)
+    _write_parquet(out / "rejected.parquet", rejected_table)
+    _write_parquet(out / "errors.parquet", errors_table)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["label", "identity"])
+    writer.writerows((i, name) for name, i in labels.items())
+    fsio.atomic_write_bytes(out / "labels.csv", text.getvalue().encode("utf-8"))
+    faults.point("finalize-parts")
+
+    _remove_orphans(out, set(manifest.column("path").to_pylist()))
+    for fmt in config.output.formats:
+        if fmt == "imagefolder":
+            continue
+        _assemble(out, fmt, manifest)
+    faults.point("finalize-formats")
+
+    effective = config.to_dict()
+    effective["source"]["root"] = str(plan.source_root)
+    record = {
+        "config": effective,
+        "weights": {
+            "dir": config.weights,
+            "profile": weights_manifest.get("profile"),
+            "digest": weights_manifest.get("digest"),
+            "files": {f["path"]: f["sha256"] for f in weights_manifest.get("files", [])},
+        },
+        "environment": env,
+    }
+    fsio.atomic_write_bytes(
+        out / "config.yaml", yaml.safe_dump(record, sort_keys=True, allow_unicode=True).encode()
+    )
+    summary = Summary(
+        out,
+        len(identities),
+        manifest.num_rows,
+        rejected_table.num_rows,
+        errors_table.num_rows,
+        list(config.output.formats),
+    )
+    _write_card(out, config, record, summary, weights_manifest)
+    # the manifest last: a dataset with manifest.parquet is a finished dataset
+    _write_parquet(out / "manifest.parquet", manifest)
+    return summary
+
+
+def _remove_orphans(out: Path, paths: set[str]) -> None:
+    """Images left by an interrupted attempt whose shard was redone differently (a batch-size
+    change can move a borderline similarity across the threshold) have no manifest row."""
+    images = out / "images"
+    if not images.is_dir():
+        return
+    for dirpath, _dirs, files in os.walk(images):
+        for name in files:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(out))
+            if rel not in paths:
+                logger.info("removing orphan image %s", rel)
+                path.unlink()
+
+
+def _assemble(out: Path, fmt: str, manifest: pa.Table) -> None:
+    rows = manifest.select(
+        ["key", "label", "identity", "index", "shard", "path", "similarity", "seed", "interp_kind"]
+    ).to_pylist()
+    order = (
+        sorted(range(len(rows)), key=lambda i: (rows[i]["label"], rows[i]["index"]))
+        if fmt == "recordio"
+        else range(len(rows))
+    )
+    with get_writer(fmt, out) as writer:
+        for i in order:
+            row = rows[i]
+            data = (out / row["path"]).read_bytes()
+            meta = {
+                k: row[k]
+                for k in ("identity", "label", "index", "similarity", "seed", "interp_kind")
+            }
+            writer.write(
+                Sample(
+                    key=row["key"],
+                    label=row["label"],
+                    identity=row["identity"],
+                    index=row["index"],
+                    shard=row["shard"],
+                    data=data,
+                    meta=meta,
+                )
+            )
+
+
+def _write_card(
+    out: Path,
+    config: Config,
+    record: dict[str, Any],
+    summary: Summary,
+    weights_manifest: dict[str, Any],
+) -> None:
+    try:
+        from digi2real.card import write_dataset_card
+    except ImportError:  # pragma: no cover - card module is part of the package
+        return
+    report = None
+    report_path = out / "report" / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    write_dataset_card(
+        out,
+        config=record["config"],
+        counts={
+            "identities": summary.identities,
+            "images": summary.images,
+            "rejected": summary.rejected,
+            "errors": summary.errors,
+        },
+        report=report,
+        weights_manifest=weights_manifest,
+        source_license=config.source.license,
+    )

@@ -1,0 +1,330 @@
+"""The shard function every runner calls: read -> embed -> plan -> generate -> filter -> write.
+
+A shard's outputs depend only on (plan, shard index, config): not on the runner, the worker,
+the batch size or which shards ran before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from digi2real import __version__, faults
+from digi2real.config import Config
+from digi2real.data import fsio
+from digi2real.data.images import ImageError, load_image
+from digi2real.data.readers import ErrorRow, IdentitySource, apply_min_images
+from digi2real.data.writers import ImageFolderWriter, Sample
+from digi2real.interpolate import Target, image_seed, plan_identity
+from digi2real.runner.plan import error_table, shard_dir, state_dir
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("identity", pa.string()),
+        ("label", pa.int64()),
+        ("path", pa.string()),
+        ("index", pa.int64()),
+        ("attempt", pa.int64()),
+        ("seed", pa.int64()),
+        ("interp_kind", pa.string()),
+        ("source_paths", pa.list_(pa.string())),
+        ("interp_weights", pa.list_(pa.float64())),
+        ("sampler", pa.string()),
+        ("steps", pa.int64()),
+        ("guidance", pa.float64()),
+        ("dtype", pa.string()),
+        ("shift_method", pa.string()),
+        ("shift_alpha", pa.float64()),
+        ("similarity", pa.float64()),
+        ("shard", pa.int64()),
+        ("weights_digest", pa.string()),
+        ("version", pa.string()),
+    ]
+)
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("identity", pa.string()),
+        ("index", pa.int64()),
+        ("attempts", pa.int64()),
+        ("seeds", pa.list_(pa.int64())),
+        ("best_similarity", pa.float64()),
+        ("reason", pa.string()),
+        ("interp_kind", pa.string()),
+        ("source_paths", pa.list_(pa.string())),
+        ("interp_weights", pa.list_(pa.float64())),
+        ("shard", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    accepted: int = 0
+    rejected: int = 0
+    errors: int = 0
+    generated: int = 0  # diffusion samples run (attempts included)
+    skipped: bool = False  # already committed
+    seconds: float = 0.0
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    identity: str
+    target: Target
+    source_paths: list[str]
+    attempt: int = 0
+    seeds: list[int] = field(default_factory=list)
+    best: float = -2.0
+    reason: str = ""
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+class ShardRunner:
+    """Executes shards with one :class:`~digi2real.engine.Engine` (one model copy)."""
+
+    def __init__(self, engine: Any, config: Config, out: Path, source_root: Path) -> None:
+        self.engine = engine
+        self.config = config
+        self.out = Path(out)
+        self.source_root = Path(source_root)
+        self.image_writer = ImageFolderWriter(out_dir=self.out)
+
+    # -- source side ---------------------------------------------------------------------------
+
+    def _rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.source_root))
+
+    def embed_sources(
+        self, shard: int, identities: list[IdentitySource]
+    ) -> tuple[dict[str, tuple[np.ndarray, list[str]]], list[ErrorRow]]:
+        """Usable images' embeddings per identity, cached per shard."""
+        cache = state_dir(self.out) / "cache" / f"shard-{shard:06d}.parquet"
+        if cache.is_file():
+            table = pq.read_table(cache).to_pylist()
+        else:
+            table = self._embed_uncached(shard, identities)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fsio.atomic_write_bytes(cache, _parquet_bytes(pa.Table.from_pylist(table)))
+        errors: list[ErrorRow] = []
+        usable: dict[str, tuple[list[np.ndarray], list[str]]] = {
+            i.name: ([], []) for i in identities
+        }
+        for row in table:
+            if row["reason"]:
+                errors.append(
+                    ErrorRow(row["path"], row["identity"], row["stage"], row["reason"], shard)
+                )
+            else:
+                usable[row["identity"]][0].append(np.asarray(row["embedding"], dtype=np.float32))
+                usable[row["identity"]][1].append(row["path"])
+        counts = {name: len(v[1]) for name, v in usable.items()}
+        kept, too_few = apply_min_images(identities, counts, self.config.source.min_images)
+        errors.extend(dataclasses.replace(e, shard=shard) for e in too_few)
+        result = {i.name: (np.stack(usable[i.name][0]), usable[i.name][1]) for i in kept}
+        return result, errors
+
+    def _embed_uncached(self, shard: int, identities: list[IdentitySource]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        crops: list[np.ndarray] = []
+        crop_rows: list[int] = []
+        for identity in identities:
+            for path in identity.files:
+                rel = self._rel(path)
+                row = {
+                    "identity": identity.name,
+                    "path": rel,
+                    "stage": "",
+                    "reason": "",
+                    "embedding": None,
+                }
+                try:
+                    image = load_image(path)
+                except ImageError as error:
+                    row.update(stage="read", reason=error.reason)
+                    rows.append(row)
+                    continue
+                crop, why = self.engine.align(image)
+                if crop is None:
+                    row.update(stage="detect", reason=why)
+                else:
+                    crop_rows.append(len(rows))
+                    crops.append(crop)
+                rows.append(row)
+        if crops:
+            embeddings = self.engine.embed(np.stack(crops))
+            for index, embedding in zip(crop_rows, embeddings, strict=True):
+                rows[index]["embedding"] = embedding.tolist()
+        return rows
+
+    # -- the shard -----------------------------------------------------------------------------
+
+    def run(self, shard: int, identities: list[IdentitySource]) -> ShardResult:
+        start = time.perf_counter()
+        final = shard_dir(self.out, shard)
+        result = ShardResult(shard)
+        if (final / "manifest.parquet").is_file():
+            result.skipped = True
+            return result
+        faults.point("shard-start", shard)
+        sources, errors = self.embed_sources(shard, identities)
+        faults.point("shard-embedded", shard)
+        pending: list[_Pending] = []
+        targets: dict[str, list[Target]] = {}
+        for name in sorted(sources):
+            embeddings, paths = sources[name]
+            targets[name] = plan_identity(
+                name, embeddings, self.config.interpolation, self.config.run.seed
+            )
+            for target in targets[name]:
+                pending.append(_Pending(name, target, [paths[i] for i in target.sources]))
+
+        accepted: list[tuple[_Pending, np.ndarray, float, bytes, np.ndarray, np.ndarray]] = []
+        rejected: list[_Pending] = []
+        threshold = self.config.filter.threshold
+        max_attempts = self.config.filter.max_attempts
+        while pending:
+            for item in pending:
+                item.seeds.append(
+                    image_seed(self.config.run.seed, item.identity, item.target.index, item.attempt)
+                )
+            outputs = self.engine.generate(
+                np.stack([p.target.embedding for p in pending]), [p.seeds[-1] for p in pending]
+            )
+            result.generated += len(pending)
+            retry: list[_Pending] = []
+            for item, out in zip(pending, outputs, strict=True):
+                if out.embedding is None:
+                    similarity, item.reason = float("nan"), out.reason
+                else:
+                    similarity = float(np.dot(out.embedding, item.target.embedding))
+                    item.reason = f"similarity below {threshold}"
+                if out.embedding is not None and similarity >= threshold:
+                    accepted.append(
+                        (
+                            item,
+                            out.image,
+                            similarity,
+                            out.jpeg,
+                            out.embedding,
+                            item.target.embedding,
+                        )
+                    )
+                    continue
+                if out.embedding is not None:
+                    item.best = max(item.best, similarity)
+                item.attempt += 1
+                (retry if item.attempt < max_attempts else rejected).append(item)
+            pending = retry
+        faults.point("shard-generated", shard)
+
+        # each part is written under a temp name unique to this attempt and renamed in; the
+        # manifest part goes last and is the commit marker (idempotent: same bytes each time)
+        final.mkdir(parents=True, exist_ok=True)
+        accepted.sort(key=lambda a: (a[0].identity, a[0].target.index))
+        rows = []
+        for item, _image, similarity, jpeg, _, _ in accepted:
+            sample = Sample(
+                key="",
+                label=-1,
+                identity=item.identity,
+                index=item.target.index,
+                shard=shard,
+                data=jpeg,
+                meta={},
+            )
+            self.image_writer.write(sample)
+            rows.append(self._manifest_row(shard, item, similarity))
+        faults.point("shard-images-written", shard)
+        parts = {
+            "errors.parquet": error_table([dataclasses.replace(e, shard=shard) for e in errors]),
+            "rejected.parquet": pa.Table.from_pylist(
+                [
+                    self._rejected_row(shard, item)
+                    for item in sorted(rejected, key=lambda p: (p.identity, p.target.index))
+                ],
+                schema=REJECTED_SCHEMA,
+            ),
+        }
+        for name, table in parts.items():
+            fsio.atomic_write_bytes(final / name, _parquet_bytes(table))
+        dim = self.engine.id_dim
+        outputs_arr = (
+            np.stack([a[4] for a in accepted]) if accepted else np.zeros((0, dim), np.float32)
+        )
+        targets_arr = (
+            np.stack([a[5] for a in accepted]) if accepted else np.zeros((0, dim), np.float32)
+        )
+        for name, array in (("outputs.npy", outputs_arr), ("targets.npy", targets_arr)):
+            buffer = io.BytesIO()
+            np.save(buffer, array.astype(np.float32))
+            fsio.atomic_write_bytes(final / name, buffer.getvalue())
+        faults.point("shard-before-commit", shard)
+        fsio.atomic_write_bytes(
+            final / "manifest.parquet",
+            _parquet_bytes(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)),
+        )
+        faults.point("shard-committed", shard)
+        result.accepted = len(accepted)
+        result.rejected = len(rejected)
+        result.errors = len(errors)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _manifest_row(self, shard: int, item: _Pending, similarity: float) -> dict[str, Any]:
+        settings = self.engine.describe()
+        return {
+            "key": "",
+            "identity": item.identity,
+            "label": -1,
+            "path": ImageFolderWriter.relative_path(item.identity, item.target.index),
+            "index": item.target.index,
+            "attempt": item.attempt,
+            "seed": item.seeds[-1],
+            "interp_kind": item.target.kind,
+            "source_paths": item.source_paths,
+            "interp_weights": list(item.target.weights),
+            "sampler": settings["sampler"],
+            "steps": settings["steps"],
+            "guidance": settings["guidance"],
+            "dtype": settings["dtype"],
+            "shift_method": settings["shift_method"],
+            "shift_alpha": settings["shift_alpha"],
+            "similarity": similarity,
+            "shard": shard,
+            "weights_digest": settings["weights_digest"],
+            "version": __version__,
+        }
+
+    def _rejected_row(self, shard: int, item: _Pending) -> dict[str, Any]:
+        return {
+            "identity": item.identity,
+            "index": item.target.index,
+            "attempts": item.attempt,
+            "seeds": item.seeds,
+            "best_similarity": item.best if item.best > -2 else None,
+            "reason": item.reason,
+            "interp_kind": item.target.kind,
+            "source_paths": item.source_paths,
+            "interp_weights": list(item.target.weights),
+            "shard": shard,
+        }
