@@ -1,0 +1,3 @@
+from digi2real.evaluate.cli import main
+
+raise SystemExit(main())
