@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from digi2real import weights
+from digi2real.cli import main
+
+
+def test_tiny_profile_has_the_real_layout(tiny_weights):
+    root = tiny_weights.root
+    package = {e["path"] for e in weights.load_package_manifest()["files"]}
+    present = {f["path"] for f in tiny_weights.files}
+    assert package <= present
+    for rel in package:
+        assert (root / rel).is_file(), rel
+    total = sum(f["size"] for f in tiny_weights.files)
+    assert total < 20e6
+    assert tiny_weights.profile == "tiny"
+    # configs carry the same classes as the real ones, with small widths
+    unet = json.loads((root / "arc2face/config.json").read_text())
+    assert unet["_class_name"] == "UNet2DConditionModel"
+    assert unet["cross_attention_dim"] == json.loads((root / "encoder/config.json").read_text())["hidden_size"]
+
+
+def test_tiny_tokenizer_is_the_real_clip_vocabulary(tiny_weights):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_weights.tokenizer)
+    assert tokenizer.encode("id", add_special_tokens=False) == [1014]
+    ids = tokenizer("photo of a id person").input_ids
+    assert ids[0] == 49406 and ids[-1] == 49407 and 1014 in ids
+    assert len(tokenizer) == 49408
+
+
+def test_verify_ok_then_names_removed_and_altered_files(tiny_weights, tmp_path, capsys):
+    copy = tmp_path / "w"
+    shutil.copytree(tiny_weights.root, copy)
+    assert main(["weights", "verify", "--dir", str(copy)]) == 0
+    (copy / "vae" / "config.json").unlink()
+    with open(copy / "arcface.onnx", "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    assert main(["weights", "verify", "--dir", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "missing: vae/config.json" in err
+    assert "checksum mismatch: arcface.onnx" in err
+
+
+def test_verify_without_manifest_says_how_to_fix(tmp_path):
+    result = weights.verify(tmp_path)
+    assert not result.ok and "weights download" in result.problems[0]
+
+
+def test_open_weights_missing_dir_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights tiny"):
+        weights.open_weights(tmp_path / "nothing")
+
+
+def test_tiny_build_is_deterministic(tiny_weights, tmp_path):
+    again = weights.build_tiny(tmp_path / "again")
+    assert again.digest == tiny_weights.digest
+
+
+def test_tiny_refuses_to_overwrite_without_force(tiny_weights):
+    with pytest.raises(FileExistsError):
+        weights.build_tiny(tiny_weights.root)
+
+
+def test_package_manifest_is_complete_and_honest():
+    files = weights.load_package_manifest()["files"]
+    components = {f["component"] for f in files}
+    assert {"unet", "encoder", "recognizer", "vae", "tokenizer", "scheduler", "detector"} <= components
+    for entry in files:
+        assert entry["license"] and "commercial" in entry
+        source = entry["source"]
+        assert source["type"] in ("huggingface", "url")
+        if source["type"] == "huggingface":
+            assert source["repo_id"] and source["filename"] and source["revision"]
+        else:
+            assert source["manual"]
+        # unknown checksums are null (trust on first use), never invented
+        assert entry["sha256"] is None or len(entry["sha256"]) == 64
+
+
+def test_download_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = main(["weights", "download", "--dir", str(tmp_path / "real")])
+    assert code == 2
+    assert "network" in capsys.readouterr().err
+
+
+def test_pickled_checkpoint_converted_with_weights_only(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    weights.convert_bin_to_safetensors(tmp_path / "pytorch_model.bin", tmp_path / "model.safetensors")
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(loaded["a.weight"], state["a.weight"])
+
+
+def test_pickled_checkpoint_with_code_is_refused(tmp_path):
+    import pickle
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    with open(tmp_path / "evil.bin", "wb") as handle:
+        pickle.dump({"x": Evil()}, handle)
+    with pytest.raises(pickle.UnpicklingError):
+        weights.convert_bin_to_safetensors(tmp_path / "evil.bin", tmp_path / "out.safetensors")
+    assert not (tmp_path / "pwned").exists()
+    del torch
