@@ -52,7 +52,7 @@ def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     omega = np.arccos(dot)
     if omega < 1e-6:
         out = (1 - t) * a64 + t * b64
-    elif np.pi - omega < 1e-6:
+    elif dot < -1 + 1e-5:
         raise ValueError("slerp between antipodal vectors is undefined")
     else:
         sin = np.sin(omega)
