@@ -1,0 +1,95 @@
+"""Alignment to the ArcFace 5-point template (insightface's ``face_align``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from insightface.utils import face_align
+
+from digi2real.face.detect import Detection, FaceDetector, check_image
+
+logger = logging.getLogger(__name__)
+
+ARCFACE_TEMPLATE: np.ndarray = face_align.arcface_dst  # 5x2 points for a 112x112 crop
+
+AlignMethod = Literal["aligned_input", "detected", "center_crop"]
+
+
+def _check_size(size: int) -> None:
+    # estimate_norm scales the template for multiples of 112 (or 128, with an x offset).
+    if not isinstance(size, int) or size <= 0 or (size % 112 and size % 128):
+        raise ValueError(f"aligned size must be a positive multiple of 112 or 128, got {size!r}")
+
+
+def align_face(image_rgb: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
+    """Warp ``image_rgb`` so the 5 keypoints ``kps`` land on the ArcFace template."""
+    check_image(image_rgb, "image_rgb")
+    _check_size(size)
+    kps = np.asarray(kps, dtype=np.float32)
+    if kps.shape != (5, 2) or not np.isfinite(kps).all():
+        raise ValueError(f"kps must be a finite (5, 2) array, got shape {kps.shape}")
+    return face_align.norm_crop(image_rgb, kps, image_size=size)
+
+
+def is_aligned_crop(image: np.ndarray, size: int = 112) -> bool:
+    """True for an image of exactly ``size`` x ``size`` (e.g. a DigiFace render).
+
+    Such inputs are taken as already aligned and skip detection.
+    """
+    return image.ndim >= 2 and image.shape[0] == size and image.shape[1] == size
+
+
+def center_crop_align(image_rgb: np.ndarray, size: int = 112) -> np.ndarray:
+    """Square centre crop resized to ``size``: the tiny profile's explicit fallback."""
+    check_image(image_rgb, "image_rgb")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    height, width = image_rgb.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    crop = image_rgb[top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(crop)
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interpolation)
+
+
+@dataclass(frozen=True, eq=False)
+class AlignResult:
+    """An aligned crop (or None when no face was usable) and how it was obtained."""
+
+    image: np.ndarray | None
+    method: AlignMethod | None
+    detection: Detection | None = None
+
+
+def locate_and_align(
+    image_rgb: np.ndarray,
+    detector: FaceDetector | None,
+    size: int = 112,
+) -> AlignResult:
+    """Aligned ``size`` crop of the best face in ``image_rgb``.
+
+    Already-aligned crops are returned as they are; otherwise the highest-scoring face is
+    aligned. With no face, the detector spec's ``fallback`` decides: ``"center_crop"``
+    crops, ``"none"`` returns ``AlignResult(None, None)`` so the caller can record why.
+    """
+    check_image(image_rgb, "image_rgb")
+    if is_aligned_crop(image_rgb, size):
+        return AlignResult(np.ascontiguousarray(image_rgb), "aligned_input")
+    if detector is None:
+        raise ValueError(
+            f"image of shape {image_rgb.shape} is not a {size}x{size} aligned crop "
+            "and no detector was given"
+        )
+    detections = detector.detect(image_rgb)
+    if detections:
+        best = detections[0]
+        return AlignResult(align_face(image_rgb, best.kps, size), "detected", best)
+    if detector.spec.fallback == "center_crop":
+        return AlignResult(center_crop_align(image_rgb, size), "center_crop")
+    return AlignResult(None, None)

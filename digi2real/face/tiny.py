@@ -1,0 +1,195 @@
+"""Random-weight ONNX stand-ins for ArcFace and SCRFD (the tiny weights profile).
+
+Both are exported with torch's dynamo-based ONNX exporter (the default since torch 2.9;
+the TorchScript exporter is deprecated), weights embedded in the file, from modules
+initialised by a seeded generator so that the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from digi2real.face.detect import DetectorSpec
+from digi2real.face.embed import RecognizerSpec
+
+logger = logging.getLogger(__name__)
+
+SCRFD_STRIDES = (8, 16, 32)
+SCRFD_ANCHORS = 2
+TINY_DETECTOR_SCORE_BIAS = -30.0  # sigmoid(-30) ~ 1e-13: no anchor ever passes a threshold
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int, std: float) -> nn.Module:
+    """Build a module whose weights depend on ``seed`` alone.
+
+    Construction runs inside ``fork_rng`` because torch's default initialisers draw from
+    the global generator, which is the caller's; all weights are then redrawn from a
+    private generator in module order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        module = build()
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d | nn.Linear):
+                layer.weight.normal_(0.0, std, generator=generator)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+    return module
+
+
+class _TinyRecognizer(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.PReLU(8),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.PReLU(16),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.PReLU(32),
+        )
+        self.head = nn.Linear(32, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class _TinySCRFD(nn.Module):
+    """Three strides, two anchors, score/bbox/kps heads in SCRFD's non-batched layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        channels = 8
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.levels = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
+            for _ in SCRFD_STRIDES
+        )
+        self.score = nn.ModuleList(nn.Conv2d(channels, SCRFD_ANCHORS, 1) for _ in SCRFD_STRIDES)
+        self.bbox = nn.ModuleList(nn.Conv2d(channels, SCRFD_ANCHORS * 4, 1) for _ in SCRFD_STRIDES)
+        self.kps = nn.ModuleList(nn.Conv2d(channels, SCRFD_ANCHORS * 10, 1) for _ in SCRFD_STRIDES)
+
+    @staticmethod
+    def _flat(x: torch.Tensor, width: int) -> torch.Tensor:
+        # (1, A*C, H, W) -> (H*W*A, C): anchors vary fastest, as SCRFD's anchor centres do.
+        return x.permute(0, 2, 3, 1).reshape(-1, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feature = self.stem(x)
+        scores, bboxes, kpss = [], [], []
+        for level, score, bbox, kps in zip(
+            self.levels, self.score, self.bbox, self.kps, strict=True
+        ):
+            feature = level(feature)
+            scores.append(self._flat(torch.sigmoid(score(feature)), 1))
+            bboxes.append(self._flat(torch.relu(bbox(feature)), 4))
+            kpss.append(self._flat(kps(feature), 10))
+        return (*scores, *bboxes, *kpss)
+
+
+def _export(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    output_names: list[str],
+    dynamic_shapes: dict[str, dict[int, object]] | None,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    # The exporter prints progress to stdout and logs/warns about its own internals
+    # (e.g. torchvision ops it skips); none of it concerns our model.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            torch.no_grad(),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                input_names=["input"],
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        registration_log.setLevel(level)
+    if program is None:
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
+    model = program.model_proto
+    # Exporter metadata (FX node dumps, symbolic range constraints printed from an
+    # unordered dict) is debug information and varies between runs; drop it so one seed
+    # gives one file.
+    del model.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.checker.check_model(model)
+    partial = path.with_name(path.name + ".partial")
+    onnx.save_model(model, str(partial))
+    os.replace(partial, path)
+    logger.debug("exported %s (%d bytes)", path, path.stat().st_size)
+
+
+def export_tiny_recognizer(
+    path: str | Path, *, dim: int = 16, input_size: int = 112, seed: int = 0
+) -> Path:
+    """A small random conv net: ``N x 3 x S x S`` (dynamic N) -> ``N x dim``, unnormalised."""
+    if dim < 1 or input_size < 8:
+        raise ValueError(
+            f"need dim >= 1 and input_size >= 8, got dim={dim}, input_size={input_size}"
+        )
+    module = _seeded(lambda: _TinyRecognizer(dim), seed, std=0.1)
+    example = torch.zeros(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    out = Path(path)
+    _export(module, example, out, ["embedding"], {"x": {0: batch}})
+    return out
+
+
+def export_tiny_detector(path: str | Path, *, input_size: int = 160, seed: int = 0) -> Path:
+    """A random SCRFD-shaped detector (9 outputs, strides 8/16/32, 2 anchors) that finds nothing.
+
+    The input is fixed at ``1 x 3 x input_size x input_size`` (insightface's SCRFD reads a
+    fixed size from the model, as with the 640x640 exports of SCRFD); a fixed shape also
+    exports several times faster than symbolic height and width.
+    """
+    if input_size < 32 or input_size % 32:
+        raise ValueError(f"input_size must be a positive multiple of 32, got {input_size}")
+    module = _seeded(_TinySCRFD, seed, std=0.05)
+    with torch.no_grad():
+        for head in module.score:
+            head.bias.fill_(TINY_DETECTOR_SCORE_BIAS)
+    example = torch.zeros(1, 3, input_size, input_size)
+    names = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in SCRFD_STRIDES]
+    out = Path(path)
+    _export(module, example, out, names, None)
+    return out
+
+
+def tiny_face_specs(*, detector_input_size: int = 160) -> tuple[RecognizerSpec, DetectorSpec]:
+    """The ``face.json`` contents matching the tiny models (same file names as the real ones)."""
+    recognizer = RecognizerSpec()
+    detector = DetectorSpec(input_size=detector_input_size, fallback="center_crop")
+    return recognizer, detector
