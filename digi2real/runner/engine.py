@@ -51,14 +51,13 @@ class GeneratedFace:
     reason: str = ""
 
 
-class Engine:
-    def __init__(self, config: Config, weights: WeightsDir, *, device: str = "auto") -> None:
-        from digi2real.domain_shift import DomainShift
+class FaceStack:
+    """Detector + aligner + recognizer of a weights dir (no diffusion models)."""
 
+    def __init__(self, config: Config, weights: WeightsDir, *, device: str = "auto") -> None:
         self.config = config
         self.weights = weights
         self.device = resolve_device(device if device != "auto" else config.run.device)
-        self.dtype = resolve_dtype(config.generation.dtype, self.device)
         if config.filter.fallback != "none" and weights.profile != "tiny":
             raise ValueError(
                 f"filter.fallback={config.filter.fallback!r} is for the tiny profile only: a real "
@@ -72,10 +71,28 @@ class Engine:
         self.recognizer_spec = RecognizerSpec.from_dict(face["recognizer"])
         detector_spec = DetectorSpec.from_dict(face["detector"])
         self.detector_spec = dataclasses.replace(detector_spec, fallback=config.filter.fallback)
-        face_device = self.device
-        self.detector = FaceDetector(self.detector_spec, weights.root, face_device)
-        self.embedder = FaceEmbedder(self.recognizer_spec, weights.root, face_device)
+        self.detector = FaceDetector(self.detector_spec, weights.root, self.device)
+        self.embedder = FaceEmbedder(self.recognizer_spec, weights.root, self.device)
         self.id_dim = self.embedder.dim
+
+    def align(self, image: np.ndarray) -> tuple[np.ndarray | None, str]:
+        result = locate_and_align(image, self.detector, self.recognizer_spec.input_size)
+        if result.image is None:
+            return None, "no face detected"
+        return result.image, ""
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        return self.embedder.embed(crops)
+
+
+class Engine(FaceStack):
+    """A :class:`FaceStack` plus the Arc2Face generator."""
+
+    def __init__(self, config: Config, weights: WeightsDir, *, device: str = "auto") -> None:
+        from digi2real.domain_shift import DomainShift
+
+        super().__init__(config, weights, device=device)
+        self.dtype = resolve_dtype(config.generation.dtype, self.device)
         shift = None
         if config.shift.method != "none" and config.shift.alpha > 0:
             shift = DomainShift.from_files(
@@ -109,17 +126,6 @@ class Engine:
         if config.weights is None:
             raise ValueError("config.weights is not set: pass --weights DIR")
         return cls(config, open_weights(config.weights), device=device)
-
-    # -- face side --------------------------------------------------------------------------
-
-    def align(self, image: np.ndarray) -> tuple[np.ndarray | None, str]:
-        result = locate_and_align(image, self.detector, self.recognizer_spec.input_size)
-        if result.image is None:
-            return None, "no face detected"
-        return result.image, ""
-
-    def embed(self, crops: np.ndarray) -> np.ndarray:
-        return self.embedder.embed(crops)
 
     # -- generation -------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ def run_in_process(
                 if isinstance(error, OSError) and getattr(error, "errno", None) in _FATAL_ERRNOS:
                     raise
                 logger.warning("shard %d failed (attempt %d): %s", shard, attempt + 1, error)
+                logger.debug("shard %d traceback", shard, exc_info=True)
                 outcome.failed[shard] = f"{type(error).__name__}: {error}"
                 continue
             outcome.failed.pop(shard, None)

@@ -25,6 +25,7 @@ from digi2real.data.images import ImageError, load_image
 from digi2real.data.readers import ErrorRow, IdentitySource, apply_min_images
 from digi2real.data.writers import ImageFolderWriter, Sample
 from digi2real.interpolate import Target, image_seed, plan_identity
+from digi2real.runner.engine import GeneratedFace
 from digi2real.runner.plan import error_table, shard_dir, state_dir
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class ShardResult:
 
 
 @dataclass
-class _Pending:
+class Pending:
     identity: str
     target: Target
     source_paths: list[str]
@@ -97,6 +98,50 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     return buffer.getvalue().to_pybytes()
+
+
+@dataclass
+class Accepted:
+    item: Pending
+    similarity: float
+    face: GeneratedFace
+
+
+def generate_with_retries(
+    engine: Any, pending: list[Pending], config: Config
+) -> tuple[list[Accepted], list[Pending], int]:
+    """Generate every pending target; a target whose output misses the identity threshold (or
+    has no face) is retried with the next derived seed, up to ``filter.max_attempts``."""
+    accepted: list[Accepted] = []
+    rejected: list[Pending] = []
+    generated = 0
+    threshold = config.filter.threshold
+    while pending:
+        for item in pending:
+            item.seeds.append(
+                image_seed(config.run.seed, item.identity, item.target.index, item.attempt)
+            )
+        faces = engine.generate(
+            np.stack([p.target.embedding for p in pending]), [p.seeds[-1] for p in pending]
+        )
+        generated += len(pending)
+        retry: list[Pending] = []
+        for item, face in zip(pending, faces, strict=True):
+            if face.embedding is None:
+                item.reason = face.reason
+            else:
+                similarity = float(np.dot(face.embedding, item.target.embedding))
+                if similarity >= threshold:
+                    accepted.append(Accepted(item, similarity, face))
+                    continue
+                item.best = max(item.best, similarity)
+                item.reason = f"similarity below {threshold}"
+            item.attempt += 1
+            (retry if item.attempt < config.filter.max_attempts else rejected).append(item)
+        pending = retry
+    accepted.sort(key=lambda a: (a.item.identity, a.item.target.index))
+    rejected.sort(key=lambda p: (p.identity, p.target.index))
+    return accepted, rejected, generated
 
 
 class ShardRunner:
@@ -160,7 +205,8 @@ class ShardRunner:
                 try:
                     image = load_image(path)
                 except ImageError as error:
-                    row.update(stage="read", reason=error.reason)
+                    detail = f": {error.detail}" if error.detail else ""
+                    row.update(stage="read", reason=error.reason + detail)
                     rows.append(row)
                     continue
                 crop, why = self.engine.align(image)
@@ -188,7 +234,7 @@ class ShardRunner:
         faults.point("shard-start", shard)
         sources, errors = self.embed_sources(shard, identities)
         faults.point("shard-embedded", shard)
-        pending: list[_Pending] = []
+        pending: list[Pending] = []
         targets: dict[str, list[Target]] = {}
         for name in sorted(sources):
             embeddings, paths = sources[name]
@@ -196,64 +242,29 @@ class ShardRunner:
                 name, embeddings, self.config.interpolation, self.config.run.seed
             )
             for target in targets[name]:
-                pending.append(_Pending(name, target, [paths[i] for i in target.sources]))
+                pending.append(Pending(name, target, [paths[i] for i in target.sources]))
 
-        accepted: list[tuple[_Pending, np.ndarray, float, bytes, np.ndarray, np.ndarray]] = []
-        rejected: list[_Pending] = []
-        threshold = self.config.filter.threshold
-        max_attempts = self.config.filter.max_attempts
-        while pending:
-            for item in pending:
-                item.seeds.append(
-                    image_seed(self.config.run.seed, item.identity, item.target.index, item.attempt)
-                )
-            outputs = self.engine.generate(
-                np.stack([p.target.embedding for p in pending]), [p.seeds[-1] for p in pending]
-            )
-            result.generated += len(pending)
-            retry: list[_Pending] = []
-            for item, out in zip(pending, outputs, strict=True):
-                if out.embedding is None:
-                    similarity, item.reason = float("nan"), out.reason
-                else:
-                    similarity = float(np.dot(out.embedding, item.target.embedding))
-                    item.reason = f"similarity below {threshold}"
-                if out.embedding is not None and similarity >= threshold:
-                    accepted.append(
-                        (
-                            item,
-                            out.image,
-                            similarity,
-                            out.jpeg,
-                            out.embedding,
-                            item.target.embedding,
-                        )
-                    )
-                    continue
-                if out.embedding is not None:
-                    item.best = max(item.best, similarity)
-                item.attempt += 1
-                (retry if item.attempt < max_attempts else rejected).append(item)
-            pending = retry
+        accepted, rejected, result.generated = generate_with_retries(
+            self.engine, pending, self.config
+        )
         faults.point("shard-generated", shard)
 
         # each part is written under a temp name unique to this attempt and renamed in; the
         # manifest part goes last and is the commit marker (idempotent: same bytes each time)
         final.mkdir(parents=True, exist_ok=True)
-        accepted.sort(key=lambda a: (a[0].identity, a[0].target.index))
         rows = []
-        for item, _image, similarity, jpeg, _, _ in accepted:
+        for done in accepted:
             sample = Sample(
                 key="",
                 label=-1,
-                identity=item.identity,
-                index=item.target.index,
+                identity=done.item.identity,
+                index=done.item.target.index,
                 shard=shard,
-                data=jpeg,
+                data=done.face.jpeg,
                 meta={},
             )
             self.image_writer.write(sample)
-            rows.append(self._manifest_row(shard, item, similarity))
+            rows.append(self._manifest_row(shard, done.item, done.similarity))
         faults.point("shard-images-written", shard)
         parts = {
             "errors.parquet": error_table([dataclasses.replace(e, shard=shard) for e in errors]),
@@ -268,12 +279,9 @@ class ShardRunner:
         for name, table in parts.items():
             fsio.atomic_write_bytes(final / name, _parquet_bytes(table))
         dim = self.engine.id_dim
-        outputs_arr = (
-            np.stack([a[4] for a in accepted]) if accepted else np.zeros((0, dim), np.float32)
-        )
-        targets_arr = (
-            np.stack([a[5] for a in accepted]) if accepted else np.zeros((0, dim), np.float32)
-        )
+        empty = np.zeros((0, dim), np.float32)
+        outputs_arr = np.stack([a.face.embedding for a in accepted]) if accepted else empty
+        targets_arr = np.stack([a.item.target.embedding for a in accepted]) if accepted else empty
         for name, array in (("outputs.npy", outputs_arr), ("targets.npy", targets_arr)):
             buffer = io.BytesIO()
             np.save(buffer, array.astype(np.float32))
@@ -290,7 +298,7 @@ class ShardRunner:
         result.seconds = time.perf_counter() - start
         return result
 
-    def _manifest_row(self, shard: int, item: _Pending, similarity: float) -> dict[str, Any]:
+    def _manifest_row(self, shard: int, item: Pending, similarity: float) -> dict[str, Any]:
         settings = self.engine.describe()
         return {
             "key": "",
@@ -315,7 +323,7 @@ class ShardRunner:
             "version": __version__,
         }
 
-    def _rejected_row(self, shard: int, item: _Pending) -> dict[str, Any]:
+    def _rejected_row(self, shard: int, item: Pending) -> dict[str, Any]:
         return {
             "identity": item.identity,
             "index": item.target.index,

@@ -1,0 +1,216 @@
+"""The Python API: ``Digi2Real.from_pretrained(...)``, ``.augment(...)``, ``.convert(...)``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digi2real import __version__
+from digi2real.config import Config
+from digi2real.data.embeddings import check_embeddings, l2_normalize, load_embeddings
+from digi2real.data.images import ImageError, load_image
+from digi2real.data.readers import IMAGE_EXTENSIONS
+from digi2real.interpolate import plan_identity
+from digi2real.runner.shard import Pending, generate_with_retries
+
+logger = logging.getLogger(__name__)
+
+ImagesOrEmbeddings = str | Path | np.ndarray | Sequence[str | Path | np.ndarray]
+
+
+@dataclass
+class AugmentedImage:
+    image: np.ndarray  # aligned 112x112 RGB uint8
+    original: np.ndarray  # the generated image at the model's resolution
+    metadata: dict[str, Any]
+
+
+@dataclass
+class AugmentResult:
+    images: list[AugmentedImage]
+    rejected: list[dict[str, Any]]
+    source_embeddings: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _resolve_config(config: Config | str | Path | None, preset: str | None) -> Config:
+    if isinstance(config, Config):
+        return config
+    if config is not None:
+        return Config.from_yaml(config)
+    return Config.preset_named(preset or "default")
+
+
+class Digi2Real:
+    """One loaded model stack (detector, recognizer, Arc2Face) for conversion and augmentation.
+
+    >>> d2r = Digi2Real.from_pretrained("weights/real", device="cuda")   # doctest: +SKIP
+    >>> result = d2r.augment("renders/identity_0001", num_images=8, seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, engine: Any, config: Config) -> None:
+        self.engine = engine
+        self.config = config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights_dir: str | Path | None = None,
+        *,
+        device: str = "auto",
+        config: Config | str | Path | None = None,
+        preset: str | None = None,
+        **overrides: Any,
+    ) -> Digi2Real:
+        """Load a weights dir (``digi2real weights download`` / ``weights tiny``).
+
+        ``preset`` defaults to ``tiny`` for a tiny-profile dir and ``default`` otherwise;
+        ``overrides`` are dotted config fields, e.g. ``**{"generation.steps": 20}``.
+        """
+        from digi2real.env import check_environment
+        from digi2real.runner.engine import Engine
+        from digi2real.weights import default_weights_dir, open_weights
+
+        check_environment()
+        root = Path(weights_dir) if weights_dir is not None else default_weights_dir("real")
+        weights = open_weights(root)
+        if preset is None and config is None:
+            preset = "tiny" if weights.profile == "tiny" else "default"
+        cfg = _resolve_config(config, preset).override({"weights": str(root), **overrides})
+        cfg.validate()
+        engine = Engine(cfg, weights, device=device)
+        return cls(engine, cfg)
+
+    # -- augment ---------------------------------------------------------------------------
+
+    def source_embeddings(self, inputs: ImagesOrEmbeddings) -> tuple[np.ndarray, list[str]]:
+        """(K, d) unit embeddings and a label for each, from images or embeddings."""
+        if isinstance(inputs, str | Path):
+            path = Path(inputs)
+            if path.suffix == ".npy":
+                return self._embeddings_array(load_embeddings(path).embeddings, str(path))
+            if not path.is_dir():
+                raise FileNotFoundError(f"not a folder of images or a .npy file: {path}")
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise ValueError(f"no images in {path} (extensions: {sorted(IMAGE_EXTENSIONS)})")
+            return self._embed_images(files)
+        if isinstance(inputs, np.ndarray):
+            if inputs.ndim == 2:
+                return self._embeddings_array(inputs, "array")
+            if inputs.ndim == 4:
+                return self._embed_images(list(inputs))
+            if inputs.ndim == 3:
+                return self._embed_images([inputs])
+            raise ValueError(
+                f"array of shape {inputs.shape}: expected (N, d) embeddings or (N, H, W, 3) images"
+            )
+        items = list(inputs)
+        if not items:
+            raise ValueError("no images or embeddings given")
+        return self._embed_images(items)
+
+    def _embeddings_array(self, array: np.ndarray, label: str) -> tuple[np.ndarray, list[str]]:
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim != 2 or array.shape[1] != self.engine.id_dim:
+            raise ValueError(
+                f"embeddings must be (N, {self.engine.id_dim}) for this profile's recognizer, "
+                f"got {array.shape}"
+            )
+        # raw ArcFace outputs (norm ~20) are accepted and normalised, as Arc2Face does
+        array = check_embeddings(l2_normalize(array), name="embeddings")
+        return array, [f"{label}[{i}]" for i in range(len(array))]
+
+    def _embed_images(self, items: list[Any]) -> tuple[np.ndarray, list[str]]:
+        crops, labels = [], []
+        for i, item in enumerate(items):
+            name = str(item) if isinstance(item, str | Path) else f"image[{i}]"
+            try:
+                image = load_image(item) if isinstance(item, str | Path) else np.asarray(item)
+            except ImageError as error:
+                logger.warning("skipping %s: %s", name, error.reason)
+                continue
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(
+                    f"{name}: expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}"
+                )
+            crop, why = self.engine.align(image)
+            if crop is None:
+                logger.warning("skipping %s: %s", name, why)
+                continue
+            crops.append(crop)
+            labels.append(name)
+        if not crops:
+            raise ValueError("none of the given images has a usable face")
+        return self.engine.embed(np.stack(crops)), labels
+
+    def augment(
+        self,
+        images_or_embeddings: ImagesOrEmbeddings,
+        *,
+        num_images: int = 8,
+        seed: int = 0,
+        identity: str = "augment",
+    ) -> AugmentResult:
+        """New realistic images of ONE identity from its images (a folder, paths, arrays) or
+        its ArcFace embeddings ((N, d) array or .npy), with the conversion's interpolation,
+        seeds and identity filter."""
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        embeddings, labels = self.source_embeddings(images_or_embeddings)
+        cfg = self.config.override(
+            {"interpolation.outputs_per_identity": num_images, "run.seed": seed}
+        )
+        targets = plan_identity(identity, embeddings, cfg.interpolation, seed)
+        pending = [Pending(identity, t, [labels[i] for i in t.sources]) for t in targets]
+        accepted, rejected, _ = generate_with_retries(self.engine, pending, cfg)
+        settings = self.engine.describe()
+        images = [
+            AugmentedImage(
+                image=a.face.crop,  # type: ignore[arg-type]
+                original=a.face.image,
+                metadata={
+                    "identity": identity,
+                    "index": a.item.target.index,
+                    "attempt": a.item.attempt,
+                    "seed": a.item.seeds[-1],
+                    "interp_kind": a.item.target.kind,
+                    "source_paths": a.item.source_paths,
+                    "interp_weights": list(a.item.target.weights),
+                    "similarity": a.similarity,
+                    "version": __version__,
+                    **settings,
+                },
+            )
+            for a in accepted
+        ]
+        rejected_rows = [
+            {"index": p.target.index, "attempts": p.attempt, "seeds": p.seeds, "reason": p.reason}
+            for p in rejected
+        ]
+        return AugmentResult(images, rejected_rows, embeddings)
+
+    # -- convert -----------------------------------------------------------------------------
+
+    def convert(
+        self,
+        src: str | Path,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        progress: bool = True,
+        **overrides: Any,
+    ) -> Any:
+        """Convert a dataset (``src``: one folder per identity) into ``out``; ``overrides`` are
+        dotted config fields."""
+        from digi2real.runner.convert import convert
+
+        cfg = self.config.override({"source.root": str(src), **overrides})
+        return convert(cfg, out, overwrite=overwrite, progress=progress)
