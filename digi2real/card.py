@@ -1,0 +1,252 @@
+"""``OUT/DATASET_CARD.md``: what was generated, from what, under which licences.
+
+The licence chain comes from the weights manifest (every file with its licence, URL and a
+``commercial`` flag) plus the source dataset's licence. When any link forbids commercial
+use the card says so in its first lines, because that restriction travels with the data.
+The content is deterministic: no timestamps, no absolute paths of the machine that wrote it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "DATASET_CARD.md"
+DIGIFACE_LICENSE = "DigiFace-1M Research Use of Data Agreement (non-commercial research use only)"
+DIGIFACE_URL = "https://github.com/microsoft/DigiFace1M/blob/main/LICENSE"
+# Words that mark a licence text as non-commercial when no explicit flag is given.
+_NON_COMMERCIAL = re.compile(
+    r"non[- ]?commercial|research[- ](use|only|purposes)|\bNC\b|-NC-|\bNC-", re.IGNORECASE
+)
+# Config keys whose values hold paths of the writing machine or its environment.
+_HOST_KEYS = {"environment"}
+
+
+def is_non_commercial(license_text: str | None, commercial: bool | None = None) -> bool:
+    """An explicit ``commercial`` flag wins; otherwise read the licence text."""
+    if commercial is not None:
+        return not commercial
+    return bool(license_text) and bool(_NON_COMMERCIAL.search(license_text or ""))
+
+
+def looks_like_digiface(config: dict[str, Any]) -> bool:
+    source = config.get("source") or {}
+    hints = [str(source.get(key, "")) for key in ("root", "name", "format", "kind", "reader")]
+    return any(re.search(r"digi[-_ ]?face", hint, re.IGNORECASE) for hint in hints)
+
+
+def source_license_entry(config: dict[str, Any], source_license: str | None) -> dict[str, Any]:
+    """The source dataset's link in the chain: as given, DigiFace-1M's by default, or unknown."""
+    source = config.get("source") or {}
+    source_license = source_license or source.get("license")
+    if source_license:
+        return {
+            "license": source_license,
+            "license_url": source.get("license_url"),
+            "non_commercial": is_non_commercial(source_license),
+            "known": True,
+        }
+    if looks_like_digiface(config):
+        return {
+            "license": DIGIFACE_LICENSE,
+            "license_url": DIGIFACE_URL,
+            "non_commercial": True,
+            "known": True,
+        }
+    return {"license": None, "license_url": None, "non_commercial": False, "known": False}
+
+
+def _license_rows(weights_manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (component, licence, URL, commercial) with the files it covers."""
+    grouped: dict[tuple[Any, ...], list[str]] = {}
+    for entry in weights_manifest.get("files", []):
+        key = (
+            entry.get("component") or "other",
+            entry.get("license") or "unknown",
+            entry.get("license_url") or "",
+            is_non_commercial(entry.get("license"), entry.get("commercial")),
+        )
+        grouped.setdefault(key, []).append(str(entry.get("path", "?")))
+    return [
+        {
+            "component": component,
+            "license": license_text,
+            "license_url": url,
+            "non_commercial": non_commercial,
+            "files": sorted(files),
+        }
+        for (component, license_text, url, non_commercial), files in sorted(grouped.items())
+    ]
+
+
+def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The effective config without host-dependent parts (environment, absolute paths)."""
+
+    def strip(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v, str(k)) for k, v in value.items() if k not in _HOST_KEYS}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, str) and key in {"root", "dir", "path"} and Path(value).is_absolute():
+            return Path(value).name
+        return value
+
+    return strip(config)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict) and "median" in value:
+        # A report distribution: the median and range read better than the whole summary.
+        return (
+            f"median {_fmt(value['median'])} (min {_fmt(value['min'])}, max {_fmt(value['max'])})"
+        )
+    return str(value)
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    consistency = report.get("consistency", {})
+    separation = report.get("separation", {})
+    diversity = report.get("diversity", {})
+    leakage = report.get("leakage")
+    thresholds = report.get("thresholds", {})
+    lines = [
+        "| figure | value |",
+        "|---|---|",
+        "| median cosine, image to its target | "
+        f"{_fmt(consistency.get('image_to_target', {}).get('median'))} |",
+        "| median cosine, image to its identity centroid | "
+        f"{_fmt(consistency.get('image_to_centroid', {}).get('median'))} |",
+        "| median cosine, identity to nearest other identity | "
+        f"{_fmt(separation.get('nearest_other', {}).get('median'))} |",
+        f"| identity collisions (centroid cosine >= {_fmt(thresholds.get('collision'))}) | "
+        f"{_fmt(separation.get('num_collisions'))} |",
+        "| median mean pairwise distance within an identity | "
+        f"{_fmt(diversity.get('mean_pairwise_distance', {}).get('median'))} |",
+        f"| near-duplicate image pairs (cosine >= {_fmt(thresholds.get('near_duplicate'))}) | "
+        f"{_fmt(diversity.get('num_near_duplicates'))} |",
+    ]
+    if leakage:
+        lines.append(
+            f"| identities leaking into gallery `{leakage.get('gallery')}` "
+            f"(cosine >= {_fmt(leakage.get('threshold'))}) | {_fmt(leakage.get('num_leaks'))} |"
+        )
+    else:
+        lines.append("| leakage against real identities | not checked (no gallery) |")
+    return lines
+
+
+def render_dataset_card(
+    *,
+    config: dict[str, Any],
+    counts: dict[str, Any],
+    report: dict[str, Any] | None,
+    weights_manifest: dict[str, Any],
+    source_license: str | None,
+) -> str:
+    license_rows = _license_rows(weights_manifest)
+    source = source_license_entry(config, source_license)
+    restricted = [
+        f"{row['component']} ({row['license']})" for row in license_rows if row["non_commercial"]
+    ]
+    if source["non_commercial"]:
+        restricted.insert(0, f"source dataset ({source['license']})")
+
+    lines = ["# Dataset card", ""]
+    if restricted:
+        lines += [
+            "> **NON-COMMERCIAL USE ONLY.** At least one link in this dataset's licence chain "
+            "forbids commercial use: " + "; ".join(restricted) + ". The generated images and "
+            "labels inherit that restriction.",
+            "",
+        ]
+    profile = weights_manifest.get("profile")
+    lines += [
+        "## What this is",
+        "",
+        "A photorealistic face-recognition training set generated by digi2real"
+        f"{' ' + str(config['version']) if config.get('version') else ''}: every identity of a "
+        "graphics-rendered source dataset was re-generated with Arc2Face (Stable Diffusion 1.5 "
+        "conditioned on ArcFace identity vectors), and each image was kept only if its ArcFace "
+        "embedding stayed close to its target.",
+        "",
+    ]
+    if profile == "tiny":
+        lines += [
+            "> Generated with the **tiny** weights profile (random weights): a test output, "
+            "not a usable dataset.",
+            "",
+        ]
+    lines += ["## Counts", "", "| count | value |", "|---|---|"]
+    lines += [f"| {key} | {_fmt(counts[key])} |" for key in sorted(counts)]
+    lines.append("")
+    if report:
+        lines += ["## Report headline", "", *_headline(report), ""]
+        lines.append("Full figures: `report/report.json` (and `report/index.html` when built).")
+        lines.append("")
+    lines += [
+        "## Licence chain",
+        "",
+        "| link | licence | URL | commercial use |",
+        "|---|---|---|---|",
+    ]
+    source_text = source["license"] or "not recorded: check the source dataset's terms"
+    source_flag = (
+        "unknown" if not source["known"] else ("no" if source["non_commercial"] else "yes")
+    )
+    lines.append(
+        f"| source dataset | {source_text} | {source['license_url'] or ''} | {source_flag} |"
+    )
+    for row in license_rows:
+        files = ", ".join(f"`{path}`" for path in row["files"])
+        lines.append(
+            f"| {row['component']}: {files} | {row['license']} | {row['license_url']} | "
+            f"{'no' if row['non_commercial'] else 'yes'} |"
+        )
+    lines += [
+        "",
+        "## Effective config",
+        "",
+        "```yaml",
+        yaml.safe_dump(_portable_config(config), sort_keys=True, allow_unicode=True).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_dataset_card(
+    out_dir: str | Path,
+    *,
+    config: dict[str, Any],
+    counts: dict[str, Any],
+    report: dict[str, Any] | None,
+    weights_manifest: dict[str, Any],
+    source_license: str | None,
+) -> Path:
+    """Write ``OUT/DATASET_CARD.md`` and return its path."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"output folder not found: {out_dir}")
+    text = render_dataset_card(
+        config=config,
+        counts=counts,
+        report=report,
+        weights_manifest=weights_manifest,
+        source_license=source_license,
+    )
+    path = out_dir / CARD_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    logger.info("dataset card written to %s", path)
+    return path
