@@ -66,3 +66,12 @@ def check_environment(*, strict: bool = True) -> list[str]:
     for line in found:
         logger.warning("%s", line)
     return found
+
+
+if __name__ == "__main__":
+    import sys
+
+    issues = problems()
+    for line in issues:
+        print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(1 if issues else 0)
