@@ -1,0 +1,267 @@
+"""Every byte of output the project writes goes through this module.
+
+Files are written under a temporary name unique to the attempt (same folder, so the rename
+cannot cross file systems), flushed, fsynced and renamed over the final name: a reader sees
+the old file or the new one, never half of one, and a crash leaves at most a hidden
+``.<name>.<pid>.<random>.tmp`` behind.
+
+Tests inject write failures by monkeypatching :func:`_write_all` (every data write) or
+:func:`_open_exclusive` (every file creation); tests run as root, where permissions cannot
+make a write fail. ``ENOSPC``/``EDQUOT``/``EROFS`` come out as :class:`OutputWriteError`
+naming the file the user asked for, not the temporary one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, BinaryIO
+
+logger = logging.getLogger(__name__)
+
+MAX_COMPONENT_BYTES = 255
+_MESSAGES = {
+    errno.ENOSPC: "disk full while writing {path}",
+    errno.EDQUOT: "disk quota exceeded while writing {path}",
+    errno.EROFS: "output is read-only: {path}",
+}
+_FORBIDDEN_CHARS = {"/": "'/'", "\\": "'\\\\'", "\0": "NUL"}
+
+
+class OutputWriteError(OSError):
+    """The output location cannot take more bytes (full, over quota or read-only)."""
+
+    def __init__(self, code: int, message: str, filename: str | None = None) -> None:
+        super().__init__(code, message)
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OSError pickles only (errno, strerror); Ray and multiprocessing ship errors by pickle
+        return (type(self), (self.errno, self.strerror, self.filename))
+
+
+@contextmanager
+def _translated(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as error:
+        message = _MESSAGES.get(error.errno) if error.errno is not None else None
+        if message is None:
+            raise
+        raise OutputWriteError(error.errno, message.format(path=path), str(path)) from error
+
+
+def _write_all(fileobj: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """The one function that hands data to the operating system."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = fileobj.write(view)
+        if written is None:  # a non-blocking raw file that took nothing; never a local file
+            raise BlockingIOError(errno.EAGAIN, "write would block")
+        view = view[written:]
+
+
+def _open_exclusive(path: Path) -> int:
+    """The one function that creates output files (never follows or reuses an existing name)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # makes the rename itself durable; some file systems refuse fsync on a directory
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p`` with the output-error translation."""
+    path = Path(path)
+    with _translated(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a file if it exists, with the output-error translation."""
+    path = Path(path)
+    with _translated(path):
+        path.unlink(missing_ok=True)
+
+
+def temp_name(path: Path) -> Path:
+    """A sibling name unique to this attempt: pid for a human reading the folder, random bits
+    because pids repeat across machines sharing a file system and across restarts."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+
+
+class AtomicFile:
+    """A binary file written under a temporary name and published by :meth:`commit`.
+
+    Use :func:`atomic_open` for one file; use this class directly to publish several files
+    in a chosen order (:meth:`sync` them all, then :meth:`commit` one by one).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        make_dirs(self.path.parent)
+        self.temp_path = temp_name(self.path)
+        with _translated(self.path):
+            fd = _open_exclusive(self.temp_path)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+        self.committed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._file is None
+
+    def _require_open(self) -> BinaryIO:
+        if self._file is None:
+            raise ValueError(f"{self.path}: write after sync/commit/discard")
+        return self._file
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        fileobj = self._require_open()
+        with _translated(self.path):
+            _write_all(fileobj, data)
+        return len(memoryview(data).cast("B"))
+
+    def tell(self) -> int:
+        return self._require_open().tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._require_open().seek(offset, whence)
+
+    def flush(self) -> None:
+        with _translated(self.path):
+            self._require_open().flush()
+
+    def sync(self) -> None:
+        """Flush, fsync and close the temporary file (idempotent)."""
+        if self._file is None:
+            return
+        fileobj, self._file = self._file, None
+        try:
+            with _translated(self.path):
+                fileobj.flush()
+                if self.fsync:
+                    os.fsync(fileobj.fileno())
+        except BaseException:
+            # close() would retry the failed flush and mask the translated error
+            with suppress(OSError):
+                fileobj.close()
+            raise
+        with _translated(self.path):
+            fileobj.close()
+
+    def commit(self) -> Path:
+        """Rename the finished temporary file over :attr:`path`."""
+        if self.committed:
+            return self.path
+        self.sync()
+        with _translated(self.path):
+            os.replace(self.temp_path, self.path)
+        self.committed = True
+        if self.fsync:
+            _fsync_dir(self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        """Drop the temporary file; a committed file stays. Never raises."""
+        if self._file is not None:
+            fileobj, self._file = self._file, None
+            # ENOSPC can surface again when closing the buffer we are throwing away
+            with suppress(OSError):
+                fileobj.close()
+        if not self.committed:
+            try:
+                self.temp_path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                logger.warning("could not remove temporary file %s: %s", self.temp_path, error)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.discard()
+                raise
+        else:
+            self.discard()
+
+
+@contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], mode: str = "wb", *, fsync: bool = True
+) -> Iterator[AtomicFile]:
+    """Write ``path`` atomically: committed on a clean exit, discarded on an exception."""
+    if mode != "wb":
+        raise ValueError(f"atomic_open supports mode 'wb' only, got {mode!r}")
+    with AtomicFile(path, fsync=fsync) as handle:
+        yield handle
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
+    """Replace ``path`` with ``data`` atomically (parent folders are created)."""
+    with atomic_open(path, fsync=fsync) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def safe_component(name: str) -> str:
+    """``name`` NFC-normalised, if it is usable as one path component on any common system.
+
+    Spaces and non-ASCII letters are fine; separators, NUL, control characters, ``.``/``..``
+    and names over 255 bytes of UTF-8 are refused (ValueError).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"path component must be a str, got {type(name).__name__}")
+    normal = unicodedata.normalize("NFC", name)
+    if normal in ("", ".", ".."):
+        raise ValueError(f"unusable path component {name!r}: empty, '.' or '..'")
+    for char, label in _FORBIDDEN_CHARS.items():
+        if char in normal:
+            raise ValueError(f"unusable path component {name!r}: contains {label}")
+    if any(unicodedata.category(char) == "Cc" for char in normal):
+        raise ValueError(f"unusable path component {name!r}: contains a control character")
+    size = len(normal.encode("utf-8"))
+    if size > MAX_COMPONENT_BYTES:
+        raise ValueError(
+            f"unusable path component {name[:40]!r}...: {size} bytes of UTF-8, "
+            f"the limit is {MAX_COMPONENT_BYTES}"
+        )
+    return normal
+
+
+def safe_join(root: str | os.PathLike[str], *parts: str) -> Path:
+    """``root / part / ...`` where each part is one :func:`safe_component`, refusing a result
+    that resolves outside ``root`` (e.g. through a symlink planted inside it)."""
+    root = Path(root)
+    path = root.joinpath(*(safe_component(part) for part in parts))
+    resolved_root = root.resolve()
+    if not path.resolve().is_relative_to(resolved_root):
+        raise ValueError(f"{path} resolves outside {root} (a symlink?)")
+    return path

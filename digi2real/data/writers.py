@@ -1,0 +1,180 @@
+"""Output formats behind one interface, chosen by name.
+
+A :class:`Writer` takes :class:`Sample` objects one at a time and publishes files only when
+they are complete (through :mod:`digi2real.data.fsio`); :meth:`Writer.close` writes any
+index last. Used as a context manager, an exception discards the files in flight and keeps
+the ones already committed.
+
+Formats: ``imagefolder`` (here), ``webdataset`` (:mod:`digi2real.data.webdataset`) and
+``recordio`` (:mod:`digi2real.data.recordio`), which register themselves in :data:`WRITERS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from digi2real.data import fsio
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One accepted output image.
+
+    ``key`` is the WebDataset key (:func:`sample_key`), ``label`` the contiguous class id,
+    ``index`` the image's number within its identity, ``shard`` the plan shard it came
+    from, ``data`` the encoded JPEG and ``meta`` anything JSON-serialisable.
+    """
+
+    key: str
+    label: int
+    identity: str
+    index: int
+    shard: int
+    data: bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def sample_key(label: int, index: int) -> str:
+    """The WebDataset key of image ``index`` of class ``label``: fixed width, so keys sort
+    like (label, index), and no dots, because WebDataset splits the key at the first dot."""
+    if label < 0 or index < 0:
+        raise ValueError(f"sample_key needs label >= 0 and index >= 0, got ({label}, {index})")
+    return f"{label:07d}_{index:04d}"
+
+
+class Writer(ABC):
+    """Base of the output formats: ``write(sample)`` repeatedly, then ``close()``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.closed = False
+        self._failed: BaseException | None = None
+
+    @abstractmethod
+    def write(self, sample: Sample) -> None:
+        """Add one sample."""
+
+    def close(self) -> None:
+        """Publish what is still pending, a format's index last; on failure, :meth:`abort`."""
+        if self.closed:
+            return
+        self._check_open()
+        try:
+            self._close()
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+
+    @abstractmethod
+    def _close(self) -> None:
+        """The format's own publishing step, called once by :meth:`close`."""
+
+    def abort(self) -> None:
+        """Discard temporary files; committed files stay. Never raises."""
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self._failed is not None:
+            raise ValueError(
+                f"{type(self).__name__} for {self.out_dir} had a failed write "
+                f"({self._failed}); it can only be aborted"
+            )
+        if self.closed:
+            raise ValueError(f"{type(self).__name__} for {self.out_dir} is closed")
+
+    def _poison(self, error: BaseException) -> None:
+        """Refuse further writes: a half-written record would corrupt what follows."""
+        self._failed = error
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+WRITERS: dict[str, type[Writer]] = {}
+_BUILTIN_MODULES = ("digi2real.data.webdataset", "digi2real.data.recordio")
+
+W = TypeVar("W", bound=type[Writer])
+
+
+def register_writer(name: str) -> Callable[[W], W]:
+    """Class decorator adding a :class:`Writer` to :data:`WRITERS` under ``name``."""
+
+    def decorate(cls: W) -> W:
+        if WRITERS.get(name, cls) is not cls:
+            raise ValueError(f"writer name {name!r} already taken by {WRITERS[name].__name__}")
+        cls.name = name
+        WRITERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_writer(name: str, out_dir: str | Path, **kwargs: Any) -> Writer:
+    """A new writer of format ``name`` (one of :data:`WRITERS`) rooted at ``out_dir``."""
+    try:
+        cls = WRITERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown output format {name!r}; valid choices: {sorted(WRITERS)}"
+        ) from None
+    return cls(out_dir=out_dir, **kwargs)
+
+
+@register_writer("imagefolder")
+class ImageFolderWriter(Writer):
+    """``out_dir/images/<identity>/<index:04d>.jpg``, one atomic file per sample.
+
+    Identity names become folder names verbatim (NFC-normalised); a name that is not a
+    usable path component is a ValueError rather than a silently renamed class.
+    """
+
+    def __init__(self, *, out_dir: str | Path, fsync: bool = True) -> None:
+        super().__init__(out_dir=out_dir)
+        self.fsync = fsync
+        self.count = 0
+
+    @staticmethod
+    def relative_path(identity: str, index: int) -> str:
+        """The image's path relative to ``out_dir`` (POSIX separators, as in the manifest)."""
+        if index < 0:
+            raise ValueError(f"image index must be >= 0, got {index}")
+        return f"images/{fsio.safe_component(identity)}/{index:04d}.jpg"
+
+    def path_for(self, identity: str, index: int) -> Path:
+        return fsio.safe_join(self.out_dir, *self.relative_path(identity, index).split("/"))
+
+    def write(self, sample: Sample) -> None:
+        self._check_open()
+        fsio.atomic_write_bytes(
+            self.path_for(sample.identity, sample.index), sample.data, fsync=self.fsync
+        )
+        self.count += 1
+
+    def _close(self) -> None:
+        """Nothing pending: each image was committed as it was written."""
+
+
+def _load_builtin_writers() -> None:
+    # imported here, not at the top: those modules subclass Writer from this one
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+_load_builtin_writers()
