@@ -232,9 +232,22 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from digi2real import tools
 
-    config = _config_from_args(args) if (args.source or args.gallery) else None
+    needs_models = (args.source and args.source.suffix != ".npy") or (
+        args.gallery and args.gallery.suffix != ".npy"
+    )
+    config = _config_from_args(args) if needs_models else None
     summary = tools.run_report(
-        args.out, gallery=args.gallery, html=args.html, source=args.source, config=config
+        args.out,
+        gallery=args.gallery,
+        html=args.html,
+        source=args.source,
+        config=config,
+        embed_images=args.embed_images,
+        thresholds={
+            "collision_threshold": args.collision_threshold,
+            "leak_threshold": args.leak_threshold,
+            "duplicate_threshold": args.duplicate_threshold,
+        },
     )
     print(summary)
     return 0
@@ -348,7 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, nargs="?", help="a converted dataset")
     p.add_argument("--gallery", type=Path, help="real identities: folder of images or .npy")
     p.add_argument("--source", type=Path, help="check a SOURCE dataset before converting")
-    p.add_argument("--html", action="store_true")
+    p.add_argument("--html", action="store_true", help="also write report/index.html")
+    p.add_argument("--embed-images", action="store_true", help="inline images in the HTML")
+    p.add_argument("--collision-threshold", type=float, help="centroid cosine (default 0.6)")
+    p.add_argument(
+        "--leak-threshold", type=float, help="cosine to a gallery identity (default 0.5)"
+    )
+    p.add_argument("--duplicate-threshold", type=float, help="within-identity (default 0.95)")
     _add_config_flags(p)
     p.set_defaults(func=cmd_report)
 
@@ -357,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", type=Path)
     p.add_argument("--drop-collisions", action="store_true")
     p.add_argument("--drop-leaks", action="store_true")
-    p.add_argument("--keys-only", action="store_true")
+    p.add_argument("--keys-only", action="store_true", help="only write kept_keys.txt")
+    p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("demo", help="tiny profile on the bundled sample (CPU, < 2 minutes)")

@@ -1,15 +1,28 @@
-"""Deterministic fault injection for the kill-and-resume tests.
+"""Deterministic fault injection for the kill-and-resume and worker-failure tests.
 
-``DIGI2REAL_FAULT=<point>[@<shard>]`` makes the process SIGKILL itself when it reaches that
-point (for that shard). Unset, :func:`point` is one dict lookup.
+``DIGI2REAL_FAULT=[<kind>:]<point>[@<shard>]`` fires when the process reaches ``point`` (for
+that shard; without ``@`` for every shard). Kinds:
+
+- ``kill`` (default): SIGKILL this process, as a power cut or the OOM killer would;
+- ``exit``: ``os._exit`` with :data:`EXIT_CODE`, a worker dying without any clean-up;
+- ``raise``: :class:`InjectedFault`, an ordinary per-shard error;
+- ``enospc`` / ``erofs``: ``OSError`` with that errno, as a full or read-only disk reports.
+
+``DIGI2REAL_FAULT_ONCE=<path>`` makes the fault transient: it fires only in the first process
+that manages to create ``<path>`` (exclusively), so a retried shard then succeeds.
+Unset, :func:`point` is one dict lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 ENV = "DIGI2REAL_FAULT"
+ONCE_ENV = "DIGI2REAL_FAULT_ONCE"
+KINDS = ("kill", "exit", "raise", "enospc", "erofs")
+EXIT_CODE = 70
 POINTS = (
     "shard-start",
     "shard-embedded",
@@ -23,11 +36,34 @@ POINTS = (
 )
 
 
+class InjectedFault(RuntimeError):
+    """The error a ``raise:`` fault raises."""
+
+
 def point(name: str, shard: int | None = None) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    where, _, which = spec.partition("@")
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        kind, rest = "kill", spec
+    if kind not in KINDS:
+        raise ValueError(f"unknown {ENV} kind {kind!r}; valid: {', '.join(KINDS)}")
+    where, _, which = rest.partition("@")
     if where != name or (which and shard is not None and int(which) != shard):
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    once = os.environ.get(ONCE_ENV)
+    if once:
+        try:
+            os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "exit":
+        os._exit(EXIT_CODE)
+    elif kind == "raise":
+        raise InjectedFault(f"injected fault at {name} (shard {shard})")
+    else:
+        code = errno.ENOSPC if kind == "enospc" else errno.EROFS
+        raise OSError(code, f"injected {os.strerror(code)} at {name} (shard {shard})")

@@ -6,6 +6,11 @@ precomputed input (``cond``, ``latents``, per-image ``seeds``/``generators``).
 
 Each image's initial noise comes from its own CPU ``torch.Generator`` (CUDA generators draw
 different numbers), so an image does not depend on which batch it was generated in.
+
+Speed options (:meth:`Arc2FaceGenerator.optimize`): channels_last weights and activations and
+``torch.compile`` of the UNet and the VAE decoder; attention goes through PyTorch's
+``scaled_dot_product_attention`` (diffusers' default ``AttnProcessor2_0``, checked by
+:meth:`Arc2FaceGenerator.attention_processors`). docs/performance.md says what each buys.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ class Arc2FaceGenerator:
         self.latent_channels = int(unet.config.in_channels)
         self.latent_size = int(unet.config.sample_size)
         self.resolution = self.latent_size * self.vae_scale_factor
+        self.compiled = False
+        self.channels_last = False
         if unet.config.cross_attention_dim != encoder.hidden_size:
             raise ValueError(
                 f"UNet cross_attention_dim {unet.config.cross_attention_dim} != encoder width "
@@ -132,6 +139,28 @@ class Arc2FaceGenerator:
     @property
     def dtype_name(self) -> str:
         return {v: k for k, v in DTYPES.items()}[self.dtype]
+
+    def attention_processors(self) -> dict[str, list[str]]:
+        """Attention processor class names of the UNet and the VAE (expect ``AttnProcessor2_0``:
+        PyTorch SDPA, flash/memory-efficient kernels on CUDA)."""
+        return {
+            name: sorted({type(p).__name__ for p in model.attn_processors.values()})
+            for name, model in (("unet", self.unet), ("vae", self.vae))
+        }
+
+    def optimize(self, *, channels_last: bool = False, compile: bool = False) -> None:
+        """Apply the speed options in place. Neither changes the arithmetic beyond float
+        reassociation; the tolerances are in docs/performance.md (``scripts/bench.py`` checks)."""
+        if channels_last and not self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if compile and not self.compiled:
+            # Module.compile() compiles in place: the object, its config and its parameters
+            # stay the same, so nothing downstream sees an OptimizedModule wrapper.
+            self.unet.compile(dynamic=False)
+            self.vae.decoder.compile(dynamic=False)
+            self.compiled = True
 
     def make_scheduler(self, steps: int) -> Any:
         from diffusers import DPMSolverMultistepScheduler
@@ -193,7 +222,11 @@ class Arc2FaceGenerator:
         noise = torch.cat(
             [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         )
-        return (noise * init_noise_sigma).to(self.device, self.dtype)
+        noise = noise * init_noise_sigma
+        if self.device.type == "cuda":
+            # page-locked source: the copy is a DMA that does not stall the host thread
+            return noise.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        return noise.to(self.device, self.dtype)
 
     def denoise(
         self, latents: torch.Tensor, cond: torch.Tensor, scheduler: Any, guidance: float
@@ -213,6 +246,13 @@ class Arc2FaceGenerator:
         scaled = latents / self.vae.config.scaling_factor
         image = self.vae.decode(scaled.to(self.vae.dtype)).sample
         image = (image / 2 + 0.5).clamp(0, 1)
+        if image.device.type == "cuda":
+            # Quantise on the device and copy uint8 (4x fewer bytes than float32) through a
+            # pinned buffer; torch.round and numpy's round both round half to even.
+            pixels = (image.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels)
+            return host.numpy()
         array = image.permute(0, 2, 3, 1).float().cpu().numpy()
         return (array * 255).round().astype(np.uint8)
 

@@ -352,7 +352,9 @@ def _read_config(out_dir: Path) -> dict[str, Any]:
         logger.warning("%s not found: source renders will not be shown", path)
         return {}
     with path.open(encoding="utf-8") as handle:
-        return yaml.safe_load(handle) or {}
+        record = yaml.safe_load(handle) or {}
+    # config.yaml holds the effective config under "config" beside weights/environment
+    return record.get("config", record)
 
 
 def open_dataset(out_dir: str | Path) -> Dataset:

@@ -187,43 +187,116 @@ def run_report(
     html: bool,
     source: Path | None,
     config: Config | None,
+    thresholds: dict[str, float] | None = None,
+    embed_images: bool = False,
 ) -> str:
+    """``digi2real report``: a converted dataset's report (and a refreshed dataset card), or
+    with ``source`` the separation check of a source dataset before any GPU time."""
     from digi2real import report
+    from digi2real.runner.finalize import write_card
 
+    thresholds = {k: v for k, v in (thresholds or {}).items() if v is not None}
     if source is not None:
-        if config is None:
-            raise ValueError("report --source needs weights (--weights DIR) to embed the source")
         if source.suffix == ".npy":
-            data = load_embeddings(source)
+            data = load_embeddings(source, mmap=True)
         else:
+            if config is None or config.weights is None:
+                raise ValueError("report --source on images needs weights (--weights DIR)")
             data = gallery_embedder(config)(source)
-        result = report.source_report(
-            data.embeddings, data.identities, threshold=report.DEFAULT_COLLISION_THRESHOLD
-        )
-        return report.format_source_report(result)
+        if data.identities is None:
+            raise ValueError(f"{source}: identities unknown (no rows file beside it)")
+        threshold = thresholds.get("collision_threshold", report.DEFAULT_COLLISION_THRESHOLD)
+        result = report.source_report(np.asarray(data.embeddings), data.identities, threshold)
+        return _format_source(result, threshold)
     if out is None:
         raise ValueError("report needs a converted dataset OUT (or --source SRC)")
-    embedder = gallery_embedder(config) if (gallery is not None and config is not None) else None
-    result = report.build_report(out, gallery=gallery, gallery_embedder=embedder, html=html)
-    return report.format_report(result, out)
+    embedder = (
+        gallery_embedder(config)
+        if (gallery is not None and config is not None and config.weights)
+        else None
+    )
+    result = report.build_report(
+        out,
+        gallery=gallery,
+        gallery_embedder=embedder,
+        html=html,
+        embed_images=embed_images,
+        **thresholds,
+    )
+    write_card(out)
+    return _format_report(result, Path(out))
+
+
+def _format_source(result: dict[str, Any], threshold: float) -> str:
+    lines = [
+        f"source identities: {result['identities']}, images: {result['images']}",
+        f"near-duplicate identity pairs (centroid cosine >= {threshold}): {result['num_collisions']}",
+    ]
+    lines += [f"  {c['a']} ~ {c['b']}: {c['score']}" for c in result["collisions"][:20]]
+    if result["num_collisions"]:
+        lines.append("these would be label noise after conversion: drop or merge them first")
+    return "\n".join(lines)
+
+
+def _format_report(result: dict[str, Any], out: Path) -> str:
+    counts = result["counts"]
+    consistency = result["consistency"]["image_to_target"]
+    separation = result["separation"]
+    leakage = result.get("leakage")
+    lines = [
+        f"images: {counts['images']} in {counts['identities']} identities",
+        f"image-to-target cosine: mean {consistency.get('mean')}, min {consistency.get('min')}",
+        f"identity collisions: {separation['num_collisions']}",
+    ]
+    lines += [f"  {c['a']} ~ {c['b']}: {c['score']}" for c in separation["collisions"][:10]]
+    if leakage is not None:
+        lines.append(f"leaks against the gallery: {len(leakage['leaks'])}")
+    lines.append(f"report: {out / 'report'}")
+    return "\n".join(lines)
 
 
 def run_prune(
-    out: Path, dest: Path, drop_collisions: bool, drop_leaks: bool, keys_only: bool
+    out: Path,
+    dest: Path,
+    drop_collisions: bool,
+    drop_leaks: bool,
+    keys_only: bool,
+    copy: bool = False,
 ) -> str:
-    from digi2real.prune import prune
+    """``digi2real prune``: a cleaned copy (or kept keys), formats and card rebuilt there."""
+    import yaml
 
-    result = prune(
-        out, dest, drop_collisions=drop_collisions, drop_leaks=drop_leaks, keys_only=keys_only
+    from digi2real import report
+    from digi2real.prune import prune
+    from digi2real.runner.finalize import assemble_formats, write_card
+
+    if not (Path(out) / "report" / "report.json").is_file():
+        report.build_report(out)  # the drop lists come from the report's figures
+    table = prune(
+        out,
+        dest,
+        drop_collisions=drop_collisions,
+        drop_leaks=drop_leaks,
+        keys_only=keys_only,
+        link=not copy,
     )
-    return str(result)
+    if keys_only:
+        return f"{table.num_rows} kept keys -> {Path(dest) / 'kept_keys.txt'}"
+    record = yaml.safe_load((Path(dest) / "config.yaml").read_text(encoding="utf-8"))
+    assemble_formats(Path(dest), record["config"]["output"]["formats"], table)
+    write_card(Path(dest))
+    identities = len(set(table.column("identity").to_pylist()))
+    return f"kept {table.num_rows} images of {identities} identities -> {dest}"
 
 
 def run_demo(out: Path, *, weights: Path | None = None, quiet: bool = False) -> list[str]:
-    """Tiny profile (built if absent) on the bundled sample, plus a contact sheet."""
+    """Tiny profile (built if absent) on the bundled sample, then its report with contact
+    sheets of the source renders beside their outputs."""
     import time
 
+    from digi2real import report
     from digi2real.runner.convert import convert
+    from digi2real.runner.finalize import write_card
     from digi2real.weights import ensure_tiny
 
     start = time.perf_counter()
@@ -232,61 +305,17 @@ def run_demo(out: Path, *, weights: Path | None = None, quiet: bool = False) -> 
         {
             "weights": str(tiny.root),
             "source.root": str(SAMPLE_DIR),
-            "source.license": "digi2real sample (Apache-2.0, generated by scripts/make_sample.py)",
+            "source.license": "digi2real bundled sample (Apache-2.0, drawn by scripts/make_sample.py)",
         }
     )
     summary = convert(config, out, overwrite=True, progress=not quiet)
-    sheet = write_contact_sheet(out, Path(out) / "contact_sheet.png")
-    lines = [
+    report.build_report(out, html=True)
+    write_card(out)
+    sheets = sorted((Path(out) / "report").glob("contact_*.png"))
+    return [
         f"demo finished in {time.perf_counter() - start:.1f}s",
         *summary.lines(),
-        f"contact sheet:     {sheet}",
+        f"contact sheet:     {sheets[0] if sheets else '(none)'}",
+        f"report:            {Path(out) / 'report' / 'index.html'}",
+        f"dataset card:      {Path(out) / 'DATASET_CARD.md'}",
     ]
-    return lines
-
-
-def write_contact_sheet(
-    out: Path, png: Path, *, max_identities: int = 8, max_images: int = 6
-) -> Path:
-    """One row per identity: its source renders, then its outputs."""
-    import pyarrow.parquet as pq
-    import yaml
-    from PIL import Image, ImageDraw
-
-    out = Path(out)
-    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
-    record = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
-    source_root = Path(record["config"]["source"]["root"])
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for row in manifest:
-        rows.setdefault(row["identity"], []).append(row)
-    identities = sorted(rows)[:max_identities]
-    max_images = min(max_images, max((len(rows[i]) for i in identities), default=1))
-    cell, gap, label_w = 112, 4, 0
-    n_src = 3
-    width = (n_src + max_images) * (cell + gap) + gap + cell // 2
-    height = max(len(identities), 1) * (cell + gap) + gap + 20
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    draw.text((gap, 4), "sources", fill=(0, 0, 0))
-    draw.text(
-        ((n_src) * (cell + gap) + cell // 2, 4), "generated (aligned 112x112)", fill=(0, 0, 0)
-    )
-    for r, identity in enumerate(identities):
-        y = 20 + gap + r * (cell + gap)
-        sources = sorted({p for row in rows[identity] for p in row["source_paths"]})[:n_src]
-        for c, rel in enumerate(sources):
-            try:
-                image = Image.fromarray(load_image(source_root / rel)).resize((cell, cell))
-            except (ImageError, FileNotFoundError, OSError):
-                continue
-            sheet.paste(image, (gap + c * (cell + gap) + label_w, y))
-        for c, row in enumerate(rows[identity][:max_images]):
-            with Image.open(out / row["path"]) as image:
-                tile = image.convert("RGB").resize((cell, cell))
-            x = gap + (n_src + c) * (cell + gap) + cell // 2
-            sheet.paste(tile, (x, y))
-            draw.text((x + 2, y + cell - 12), f"{row['similarity']:.2f}", fill=(255, 255, 0))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(png)
-    return png

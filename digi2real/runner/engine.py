@@ -1,11 +1,19 @@
 """One model copy: face detection/alignment/embedding + the Arc2Face generator, built from a
-weights dir and a config. Runners build one Engine per worker."""
+weights dir and a config. Runners build one Engine per worker.
+
+:meth:`Engine.generate` overlaps post-processing (detect, align, embed, JPEG; CPU work) of
+diffusion batch k with the diffusion of batch k+1 on one background thread, so the accelerator
+does not wait on the CPU. Every post-processing step is per image (the recognizer's rows do not
+depend on the batch they run in), so the overlapped and the serial path give identical bytes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,17 @@ class GeneratedFace:
     reason: str = ""
 
 
+@dataclass
+class EngineTimings:
+    """Wall seconds accumulated by :meth:`Engine.generate` (for benchmarks and logs)."""
+
+    diffusion: float = 0.0  # encode + denoise + decode, on the calling thread
+    postprocess: float = 0.0  # detect/align/embed/JPEG, wherever it ran
+    waiting: float = 0.0  # the calling thread blocked on post-processing (not hidden)
+    images: int = 0
+    batches: list[int] = field(default_factory=list)  # batch sizes actually run
+
+
 class FaceStack:
     """Detector + aligner + recognizer of a weights dir (no diffusion models)."""
 
@@ -88,7 +107,16 @@ class FaceStack:
 class Engine(FaceStack):
     """A :class:`FaceStack` plus the Arc2Face generator."""
 
-    def __init__(self, config: Config, weights: WeightsDir, *, device: str = "auto") -> None:
+    def __init__(
+        self,
+        config: Config,
+        weights: WeightsDir,
+        *,
+        device: str = "auto",
+        generator: Arc2FaceGenerator | None = None,
+    ) -> None:
+        """``generator``: an already built generator (benchmarks build the full-size
+        architecture in memory); by default it is loaded from ``weights``."""
         from digi2real.domain_shift import DomainShift
 
         super().__init__(config, weights, device=device)
@@ -107,19 +135,29 @@ class Engine(FaceStack):
         self.settings = SamplerSettings(
             config.generation.sampler, config.generation.steps, config.generation.guidance
         )
-        self.generator = Arc2FaceGenerator.from_weights(
-            weights,
-            id_dim=self.id_dim,
-            device=self.device,
-            dtype=self.dtype,
-            settings=self.settings,
-            shift=shift,
+        if generator is None:
+            generator = Arc2FaceGenerator.from_weights(
+                weights,
+                id_dim=self.id_dim,
+                device=self.device,
+                dtype=self.dtype,
+                settings=self.settings,
+                shift=shift,
+            )
+        else:
+            generator.settings = self.settings
+        self.generator = generator
+        # channels_last pays on CUDA tensor cores; on CPU it was measured slower (see
+        # docs/performance.md), so it is a GPU-only option.
+        self.generator.optimize(
+            channels_last=config.generation.channels_last and self.device != "cpu",
+            compile=config.generation.compile,
         )
-        if config.generation.channels_last and self.device != "cpu":
-            self.generator.unet.to(memory_format=torch.channels_last)
-            self.generator.vae.to(memory_format=torch.channels_last)
         self.batch_size = config.generation.batch_size
+        # generation.overlap is read with a default so older configs keep working
+        self.overlap = bool(getattr(config.generation, "overlap", True))
         self.oom_events: list[str] = []
+        self.timings = EngineTimings()
 
     @classmethod
     def from_config(cls, config: Config, *, device: str = "auto") -> Engine:
@@ -143,30 +181,72 @@ class Engine(FaceStack):
     def _generate_batch(self, targets: np.ndarray, seeds: list[int]) -> np.ndarray:
         return self.generator(targets, seeds=seeds).images
 
+    def _diffuse(self, targets: np.ndarray, seeds: list[int], start: int) -> np.ndarray | None:
+        """One batch from ``start``; None after a CUDA OOM (the batch size is halved)."""
+        size = min(self.batch_size, len(targets) - start)
+        begin = time.perf_counter()
+        try:
+            batch = self._generate_batch(targets[start : start + size], seeds[start : start + size])
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, size // 2)
+            event = f"CUDA out of memory at batch {size}; continuing with batch {self.batch_size}"
+            logger.warning(event)
+            self.oom_events.append(event)
+            return None
+        self.timings.diffusion += time.perf_counter() - begin
+        self.timings.batches.append(size)
+        return batch
+
+    def _timed_postprocess(self, images: list[np.ndarray]) -> list[GeneratedFace]:
+        begin = time.perf_counter()
+        faces = self.postprocess(images)
+        self.timings.postprocess += time.perf_counter() - begin
+        return faces
+
     def generate(self, targets: np.ndarray, seeds: list[int]) -> list[GeneratedFace]:
-        """Generate, align, embed and encode; batches of ``batch_size``, halved on CUDA OOM."""
-        images: list[np.ndarray] = []
-        start = 0
-        while start < len(targets):
-            size = min(self.batch_size, len(targets) - start)
-            try:
-                batch = self._generate_batch(
-                    targets[start : start + size], seeds[start : start + size]
-                )
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.batch_size = max(1, size // 2)
-                event = (
-                    f"CUDA out of memory at batch {size}; continuing with batch {self.batch_size}"
-                )
-                logger.warning(event)
-                self.oom_events.append(event)
-                continue
-            images.extend(batch)
-            start += size
-        return self.postprocess(images)
+        """Generate, align, embed and encode, in input order; batches of ``batch_size``, halved
+        on CUDA OOM. Post-processing of a batch overlaps the next batch's diffusion unless
+        ``generation.overlap`` is false."""
+        if len(targets) != len(seeds):
+            raise ValueError(f"{len(targets)} targets but {len(seeds)} seeds")
+        results: list[GeneratedFace] = []
+        pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
+            if (self.overlap)
+            else None
+        )
+        in_flight: Future[list[GeneratedFace]] | None = None
+        try:
+            start = 0
+            while start < len(targets):
+                batch = self._diffuse(targets, seeds, start)
+                if batch is None:
+                    continue
+                start += len(batch)
+                if pool is None:
+                    results.extend(self._timed_postprocess(list(batch)))
+                    continue
+                # one batch in flight: post-processing k overlaps diffusion k+1, and host
+                # memory holds at most two batches of images
+                if in_flight is not None:
+                    results.extend(self._collect(in_flight))
+                in_flight = pool.submit(self._timed_postprocess, list(batch))
+            if in_flight is not None:
+                results.extend(self._collect(in_flight))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self.timings.images += len(results)
+        return results
+
+    def _collect(self, future: Future[list[GeneratedFace]]) -> list[GeneratedFace]:
+        begin = time.perf_counter()
+        faces = future.result()
+        self.timings.waiting += time.perf_counter() - begin
+        return faces
 
     def postprocess(self, images: list[np.ndarray]) -> list[GeneratedFace]:
         results: list[GeneratedFace] = []

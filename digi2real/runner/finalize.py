@@ -42,6 +42,14 @@ class Summary:
     errors: int
     formats: list[str]
 
+    def counts(self) -> dict[str, int]:
+        return {
+            "identities": self.identities,
+            "images": self.images,
+            "rejected": self.rejected,
+            "errors": self.errors,
+        }
+
     def lines(self) -> list[str]:
         return [
             f"accepted images:   {self.images} ({self.identities} identities)",
@@ -147,10 +155,7 @@ def finalize(
     faults.point("finalize-parts")
 
     _remove_orphans(out, set(manifest.column("path").to_pylist()))
-    for fmt in config.output.formats:
-        if fmt == "imagefolder":
-            continue
-        _assemble(out, fmt, manifest)
+    assemble_formats(out, config.output.formats, manifest)
     faults.point("finalize-formats")
 
     effective = config.to_dict()
@@ -161,7 +166,14 @@ def finalize(
             "dir": config.weights,
             "profile": weights_manifest.get("profile"),
             "digest": weights_manifest.get("digest"),
-            "files": {f["path"]: f["sha256"] for f in weights_manifest.get("files", [])},
+            # every file with checksum and licence: the licence chain travels with the data
+            "files": [
+                {
+                    k: f.get(k)
+                    for k in ("path", "component", "sha256", "license", "license_url", "commercial")
+                }
+                for f in weights_manifest.get("files", [])
+            ],
         },
         "environment": env,
     }
@@ -176,7 +188,7 @@ def finalize(
         errors_table.num_rows,
         list(config.output.formats),
     )
-    _write_card(out, config, record, summary, weights_manifest)
+    write_card(out, record, counts=summary.counts())
     # the manifest last: a dataset with manifest.parquet is a finished dataset
     _write_parquet(out / "manifest.parquet", manifest)
     return summary
@@ -195,6 +207,13 @@ def _remove_orphans(out: Path, paths: set[str]) -> None:
             if rel not in paths:
                 logger.info("removing orphan image %s", rel)
                 path.unlink()
+
+
+def assemble_formats(out: Path, formats: list[str], manifest: pa.Table) -> None:
+    """The training formats that need global labels, from the committed images."""
+    for fmt in formats:
+        if fmt != "imagefolder":
+            _assemble(out, fmt, manifest)
 
 
 def _assemble(out: Path, fmt: str, manifest: pa.Table) -> None:
@@ -227,31 +246,34 @@ def _assemble(out: Path, fmt: str, manifest: pa.Table) -> None:
             )
 
 
-def _write_card(
-    out: Path,
-    config: Config,
-    record: dict[str, Any],
-    summary: Summary,
-    weights_manifest: dict[str, Any],
-) -> None:
-    try:
-        from digi2real.card import write_dataset_card
-    except ImportError:  # pragma: no cover - card module is part of the package
-        return
+def write_card(
+    out: Path, record: dict[str, Any] | None = None, *, counts: dict[str, int] | None = None
+) -> Path:
+    """(Re)write ``OUT/DATASET_CARD.md`` from config.yaml, the counts and, when a report has
+    been made, its headline figures. Finalisation, ``report`` and ``prune`` call it."""
+    from digi2real.card import write_dataset_card
+
+    out = Path(out)
+    if record is None:
+        record = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    if counts is None:
+        manifest = pq.read_table(out / "manifest.parquet", columns=["identity"])
+        counts = {
+            "identities": len(set(manifest.column("identity").to_pylist())),
+            "images": manifest.num_rows,
+            "rejected": pq.ParquetFile(out / "rejected.parquet").metadata.num_rows,
+            "errors": pq.ParquetFile(out / "errors.parquet").metadata.num_rows,
+        }
     report = None
     report_path = out / "report" / "report.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
-    write_dataset_card(
+    weights = record.get("weights", {})
+    return write_dataset_card(
         out,
         config=record["config"],
-        counts={
-            "identities": summary.identities,
-            "images": summary.images,
-            "rejected": summary.rejected,
-            "errors": summary.errors,
-        },
+        counts=counts,
         report=report,
-        weights_manifest=weights_manifest,
-        source_license=config.source.license,
+        weights_manifest={"profile": weights.get("profile"), "files": weights.get("files", [])},
+        source_license=record["config"]["source"].get("license"),
     )

@@ -1,12 +1,15 @@
 """Local runners: in-process, or one worker process per device, pulling shards from the plan.
 
-Every runner calls the same :class:`~digi2real.runner.shard.ShardRunner`. A shard that raises
-(or whose worker dies) is retried a bounded number of times, on another worker when there is
-one, then reported; the other shards go on.
+Every runner calls the same :meth:`~digi2real.runner.shard.ShardRunner.run`, so the committed
+shards do not depend on the runner. A shard that raises, or whose worker dies, is retried up to
+``run.max_shard_retries`` times, on another worker when there is one, then reported in
+:attr:`RunOutcome.failed`; the other shards go on. A full or read-only output
+(:func:`is_fatal`) stops the run at once: every later shard would fail the same way.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing as mp
 import queue
@@ -17,16 +20,34 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
+from digi2real.data.fsio import OutputWriteError
+from digi2real.data.readers import IdentitySource
 from digi2real.runner.plan import Plan
 from digi2real.runner.shard import ShardResult
 
 logger = logging.getLogger(__name__)
 
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# how often an idle worker checks that its driver is still alive
+_POLL_SECONDS = 0.5
+
 
 @dataclass
 class RunOutcome:
     results: list[ShardResult] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)  # shard -> last error
+    failed: dict[int, str] = field(default_factory=dict)  # shard -> last error, after retries
+    # shard -> the worker of each attempt, in order (``"in-process"``, ``"worker-1 (cuda:1)"``)
+    attempts: dict[int, list[str]] = field(default_factory=dict)
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Errors no retry can fix: the output cannot take more bytes."""
+    return isinstance(error, OSError) and error.errno in FATAL_ERRNOS
+
+
+def fatal_error(code: int, message: str) -> OutputWriteError:
+    """The driver-side error for a fatal failure reported by a worker or actor."""
+    return OutputWriteError(code, message)
 
 
 def _set_threads(threads: int) -> None:
@@ -36,6 +57,7 @@ def _set_threads(threads: int) -> None:
 
 
 def build_shard_runner(config: Config, out: Path, source_root: Path, device: str) -> Any:
+    """One model copy on ``device`` and the shard function around it."""
     from digi2real.runner.engine import Engine
     from digi2real.runner.shard import ShardRunner
 
@@ -57,10 +79,11 @@ def run_in_process(
     outcome = RunOutcome()
     for shard in shards:
         for attempt in range(config.run.max_shard_retries + 1):
+            outcome.attempts.setdefault(shard, []).append("in-process")
             try:
                 result = runner.run(shard, plan.shards[shard])
             except Exception as error:  # noqa: BLE001 - a shard's failure must not end the run
-                if isinstance(error, OSError) and getattr(error, "errno", None) in _FATAL_ERRNOS:
+                if is_fatal(error):
                     raise
                 logger.warning("shard %d failed (attempt %d): %s", shard, attempt + 1, error)
                 logger.debug("shard %d traceback", shard, exc_info=True)
@@ -73,8 +96,7 @@ def run_in_process(
     return outcome
 
 
-# disk full / read-only: every shard would fail the same way; stop with a clear error
-_FATAL_ERRNOS = {28, 30, 122}
+# -- one process per device --------------------------------------------------------------------
 
 
 def _worker_main(
@@ -82,36 +104,93 @@ def _worker_main(
     device: str,
     config_dict: dict[str, Any],
     out: str,
-    plan: Plan,
+    source_root: str,
     inbox: Any,
     outbox: Any,
 ) -> None:
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = Config.from_dict(config_dict)
     try:
-        runner = build_shard_runner(config, Path(out), plan.source_root, device)
-    except Exception as error:  # noqa: BLE001
+        runner = build_shard_runner(config, Path(out), Path(source_root), device)
+    except Exception as error:  # noqa: BLE001 - reported to the driver, which decides
         outbox.put(("dead", worker_id, None, f"worker start failed: {error}"))
         return
     outbox.put(("ready", worker_id, None, None))
+    parent = mp.parent_process()
     while True:
-        shard = inbox.get()
-        if shard is None:
-            return
         try:
-            result = runner.run(shard, plan.shards[shard])
+            task = inbox.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            # a driver killed with SIGKILL cannot tell its workers; they must not linger
+            if parent is not None and not parent.is_alive():
+                return
+            continue
+        if task is None:
+            return
+        shard, identities = task
+        try:
+            result = runner.run(shard, identities)
         except Exception as error:  # noqa: BLE001
-            fatal = isinstance(error, OSError) and getattr(error, "errno", None) in _FATAL_ERRNOS
-            outbox.put(
-                (
-                    "fatal" if fatal else "error",
-                    worker_id,
-                    shard,
-                    f"{type(error).__name__}: {error}\n{traceback.format_exc()}",
-                )
-            )
+            if is_fatal(error):
+                outbox.put(("fatal", worker_id, shard, (error.errno, str(error))))
+                continue
+            message = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+            outbox.put(("error", worker_id, shard, message))
             continue
         outbox.put(("done", worker_id, shard, result))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    inbox: Any
+    device: str
+    name: str
+    shard: int | None = None  # the shard it is running
+    ready: bool = False
+
+
+class _Scheduler:
+    """The driver's book-keeping: which shard runs where, attempts, and failures."""
+
+    def __init__(self, shards: Iterable[int], config: Config, outcome: RunOutcome) -> None:
+        self.todo = list(shards)
+        self.retries = config.run.max_shard_retries
+        self.outcome = outcome
+        self.failed_on: dict[int, set[str]] = {}  # shard -> workers it failed on
+
+    def pick(self, worker: _Worker, idle: list[_Worker]) -> int | None:
+        """A shard for ``worker``: one that has not failed on it; a shard that failed on it is
+        taken only when no live worker is left that it has not failed on."""
+        for shard in self.todo:
+            if worker.name not in self.failed_on.get(shard, ()):
+                return shard
+        for shard in self.todo:
+            others = [w for w in idle if w.name not in self.failed_on.get(shard, ())]
+            if not others:
+                return shard
+        return None
+
+    def start(self, worker: _Worker, shard: int) -> None:
+        self.todo.remove(shard)
+        worker.shard = shard
+        self.outcome.attempts.setdefault(shard, []).append(worker.name)
+
+    def done(self, worker: _Worker, result: ShardResult) -> None:
+        worker.shard = None
+        self.outcome.failed.pop(result.shard, None)
+        self.outcome.results.append(result)
+
+    def fail(self, worker: _Worker, shard: int, error: str) -> None:
+        worker.shard = None
+        self.failed_on.setdefault(shard, set()).add(worker.name)
+        self.outcome.failed[shard] = error.splitlines()[0]
+        tries = len(self.outcome.attempts.get(shard, []))
+        if tries <= self.retries:
+            logger.warning("shard %d failed on %s, retrying: %s", shard, worker.name, error)
+            self.todo.append(shard)
+        else:
+            logger.error("shard %d failed %d times, giving up: %s", shard, tries, error)
 
 
 def run_workers(
@@ -123,115 +202,121 @@ def run_workers(
     devices: list[str],
     on_result: Callable[[ShardResult], None] = lambda r: None,
 ) -> RunOutcome:
-    """One worker process per entry of ``devices`` (e.g. ["cuda:0", "cuda:1"] or ["cpu"]*2)."""
-    ctx = mp.get_context("spawn")
+    """One worker process per entry of ``devices`` (e.g. ``["cuda:0", "cuda:1"]`` or
+    ``["cpu"] * 2``), each with its own model copy, pulling shards from the plan."""
+    if not devices:
+        raise ValueError("run_workers needs at least one device")
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
     outbox = ctx.Queue()
-    todo = list(shards)
-    attempts: dict[int, int] = {}
-    avoid: dict[int, set[int]] = {}
     outcome = RunOutcome()
-    workers: dict[int, tuple[Any, Any, str]] = {}
-    busy: dict[int, int | None] = {}
+    scheduler = _Scheduler(shards, config, outcome)
+    workers: dict[int, _Worker] = {}
+    config_dict = config.to_dict()
     next_id = 0
+    start_failures = 0
 
     def spawn(device: str) -> None:
         nonlocal next_id
         inbox = ctx.Queue()
-        proc = ctx.Process(
+        process = ctx.Process(
             target=_worker_main,
-            args=(next_id, device, config.to_dict(), str(out), plan, inbox, outbox),
+            args=(next_id, device, config_dict, str(out), str(plan.source_root), inbox, outbox),
             daemon=True,
         )
-        proc.start()
-        workers[next_id] = (proc, inbox, device)
-        busy[next_id] = "starting"  # type: ignore[assignment]
+        process.start()
+        workers[next_id] = _Worker(process, inbox, device, f"worker-{next_id} ({device})")
         next_id += 1
+
+    def lose(worker_id: int, why: str) -> None:
+        """A worker is gone: charge its shard, start a replacement while that is bounded."""
+        nonlocal start_failures
+        worker = workers.pop(worker_id)
+        worker.process.join(timeout=5)
+        if worker.shard is not None:
+            scheduler.fail(worker, worker.shard, f"{worker.name} died ({why})")
+        elif not worker.ready:
+            start_failures += 1
+        # a death while running a shard is charged to that shard, whose attempts are bounded;
+        # deaths while starting are bounded separately
+        if start_failures < len(devices) and (scheduler.todo or worker.shard is not None):
+            spawn(worker.device)
 
     for device in devices:
         spawn(device)
-    respawns = 0
-    fatal: str | None = None
+    fatal: tuple[int, str] | None = None
     try:
-        while (
-            (todo or any(isinstance(v, int) for v in busy.values())) and workers and fatal is None
-        ):
-            for wid, state in list(busy.items()):
-                if state is None and todo:
-                    pick = next((s for s in todo if wid not in avoid.get(s, set())), todo[0])
-                    todo.remove(pick)
-                    busy[wid] = pick
-                    workers[wid][1].put(pick)
+        while workers and fatal is None:
+            busy = [w for w in workers.values() if w.shard is not None]
+            if not scheduler.todo and not busy:
+                break
+            idle = [w for w in workers.values() if w.ready and w.shard is None]
+            for worker in idle:
+                shard = scheduler.pick(worker, idle)
+                if shard is not None:
+                    scheduler.start(worker, shard)
+                    worker.inbox.put((shard, plan.shards[shard]))
             try:
-                kind, wid, shard, payload = outbox.get(timeout=0.5)
+                kind, worker_id, shard, payload = outbox.get(timeout=_POLL_SECONDS)
             except queue.Empty:
-                for wid, (proc, _inbox, device) in list(workers.items()):
-                    if not proc.is_alive():
-                        shard = busy.pop(wid)
-                        del workers[wid]
-                        logger.warning("worker %d (%s) died (exit %s)", wid, device, proc.exitcode)
-                        if isinstance(shard, int):
-                            _failed(
-                                shard,
-                                wid,
-                                f"worker died (exit {proc.exitcode})",
-                                attempts,
-                                avoid,
-                                todo,
-                                outcome,
-                                config,
-                            )
-                        if respawns < 2 * len(devices):
-                            respawns += 1
-                            spawn(device)
+                for worker_id, worker in list(workers.items()):
+                    if not worker.process.is_alive():
+                        logger.warning(
+                            "%s died (exit code %s)", worker.name, worker.process.exitcode
+                        )
+                        lose(worker_id, f"exit code {worker.process.exitcode}")
+                continue
+            worker = workers.get(worker_id)
+            if worker is None:  # a message from a worker already given up on
                 continue
             if kind == "ready":
-                busy[wid] = None
+                worker.ready = True
             elif kind == "done":
-                busy[wid] = None
-                outcome.failed.pop(shard, None)
-                outcome.results.append(payload)
+                scheduler.done(worker, payload)
                 on_result(payload)
             elif kind == "error":
-                busy[wid] = None
-                logger.warning(
-                    "shard %d failed on worker %d: %s", shard, wid, payload.splitlines()[0]
-                )
-                _failed(shard, wid, payload, attempts, avoid, todo, outcome, config)
+                scheduler.fail(worker, shard, payload)
             elif kind == "fatal":
                 fatal = payload
             elif kind == "dead":
-                proc = workers.pop(wid)[0]
-                busy.pop(wid, None)
-                proc.join()
-                logger.error("%s", payload)
+                logger.error("%s: %s", worker.name, payload)
+                lose(worker_id, payload)
                 if not workers:
                     raise RuntimeError(payload)
     finally:
-        for _proc, inbox, _ in workers.values():
-            inbox.put(None)
-        for proc, _, _ in workers.values():
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+        _stop(workers.values())
     if fatal is not None:
-        raise OSError(fatal.splitlines()[0])
-    for shard in todo:
+        raise fatal_error(*fatal)
+    for shard in scheduler.todo:
         outcome.failed.setdefault(shard, "no worker left to run it")
     return outcome
 
 
-def _failed(
-    shard: int,
-    worker: int,
-    error: str,
-    attempts: dict[int, int],
-    avoid: dict[int, set[int]],
-    todo: list[int],
-    outcome: RunOutcome,
-    config: Config,
-) -> None:
-    attempts[shard] = attempts.get(shard, 0) + 1
-    avoid.setdefault(shard, set()).add(worker)
-    outcome.failed[shard] = error.splitlines()[0]
-    if attempts[shard] <= config.run.max_shard_retries:
-        todo.append(shard)
+def _stop(workers: Iterable[_Worker]) -> None:
+    workers = list(workers)
+    for worker in workers:
+        try:
+            worker.inbox.put(None)
+        except (OSError, ValueError):
+            continue
+    for worker in workers:
+        # a worker mid-shard finishes it first; its commit is atomic either way
+        worker.process.join(timeout=30)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+
+
+def source_root_of(plan: Plan) -> Path:
+    return plan.source_root
+
+
+__all__ = [
+    "FATAL_ERRNOS",
+    "IdentitySource",
+    "RunOutcome",
+    "build_shard_runner",
+    "fatal_error",
+    "is_fatal",
+    "run_in_process",
+    "run_workers",
+]
