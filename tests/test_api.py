@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import unit_rows
+
+from digi2real import Digi2Real
+
+
+@pytest.fixture(scope="module")
+def d2r(tiny_weights):
+    return Digi2Real.from_pretrained(tiny_weights.root, device="cpu", **{"generation.steps": 3})
+
+
+def test_augment_from_a_folder_of_one_identity(d2r, sample_dataset):
+    result = d2r.augment(sample_dataset / "2", num_images=5, seed=1)
+    assert len(result.images) + len(result.rejected) == 5
+    assert result.source_embeddings.shape == (4, 16)
+    for item in result.images:
+        assert item.image.shape == (112, 112, 3) and item.image.dtype == np.uint8
+        assert item.original.shape == (64, 64, 3)
+        meta = item.metadata
+        assert meta["steps"] == 3 and meta["interp_kind"] in ("source", "slerp", "dirichlet")
+        assert all(p.endswith(".png") for p in meta["source_paths"])
+    again = d2r.augment(sample_dataset / "2", num_images=5, seed=1)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(result.images, again.images, strict=True))
+    other = d2r.augment(sample_dataset / "2", num_images=5, seed=2)
+    assert not np.array_equal(result.images[0].image, other.images[0].image)
+
+
+def test_augment_from_embeddings_array_and_raw_norms(d2r):
+    embeddings = unit_rows(3, 16) * 20.0  # raw ArcFace outputs have norm ~20: normalised
+    result = d2r.augment(embeddings, num_images=4, seed=0)
+    assert len(result.images) == 4
+    assert np.allclose(np.linalg.norm(result.source_embeddings, axis=1), 1, atol=1e-5)
+    assert [m.metadata["index"] for m in result.images] == [0, 1, 2, 3]
+
+
+def test_augment_from_image_arrays(d2r, sample_dataset):
+    from digi2real.data.images import load_image
+
+    images = np.stack([load_image(p) for p in sorted((sample_dataset / "0").glob("*.png"))])
+    result = d2r.augment(images, num_images=2, seed=0)
+    assert len(result.images) == 2
+
+
+def test_augment_validates(d2r):
+    with pytest.raises(ValueError, match=r"\(N, 16\)"):
+        d2r.augment(unit_rows(2, 8), num_images=2)
+    with pytest.raises(ValueError, match="num_images"):
+        d2r.augment(unit_rows(2, 16), num_images=0)
+    with pytest.raises(FileNotFoundError):
+        d2r.augment("/nonexistent/folder")
+
+
+def test_real_profile_refuses_centre_crop_fallback(tiny_weights, tmp_path):
+    import json
+    import shutil
+
+    from digi2real.config import Config
+    from digi2real.runner.engine import Engine
+    from digi2real.weights import open_weights
+
+    copy = tmp_path / "w"
+    shutil.copytree(tiny_weights.root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["profile"] = "real"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    config = Config.preset_named("tiny").override({"weights": str(copy)})
+    with pytest.raises(ValueError, match="tiny profile only"):
+        Engine(config, open_weights(copy), device="cpu")
