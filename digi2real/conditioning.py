@@ -134,7 +134,7 @@ class IdentityEncoder:
             raise ValueError(
                 f"id_embeds have width {array.shape[1]}, this profile's recognizer gives {self.id_dim}"
             )
-        return torch.from_numpy(array)
+        return torch.from_numpy(np.array(array, dtype=np.float32))  # owned, writable copy
 
     @torch.no_grad()
     def encode(
