@@ -232,10 +232,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from digi2real import tools
 
-    needs_models = (args.source and args.source.suffix != ".npy") or (
-        args.gallery and args.gallery.suffix != ".npy"
+    needs_models = (
+        (args.source is not None and args.source.suffix != ".npy")
+        or (args.gallery is not None and args.gallery.suffix != ".npy")
+        or args.judge is not None
+        or args.config is not None
     )
-    config = _config_from_args(args) if needs_models else None
+    judge = {"report.recognizer": str(args.judge) if args.judge else None}
+    config = _config_from_args(args, **judge) if needs_models else None
     summary = tools.run_report(
         args.out,
         gallery=args.gallery,
@@ -257,7 +261,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from digi2real import tools
 
     print(
-        tools.run_prune(args.out, args.dest, args.drop_collisions, args.drop_leaks, args.keys_only)
+        tools.run_prune(
+            args.out, args.dest, args.drop_collisions, args.drop_leaks, args.keys_only, args.copy
+        )
     )
     return 0
 
@@ -363,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", type=Path, help="check a SOURCE dataset before converting")
     p.add_argument("--html", action="store_true", help="also write report/index.html")
     p.add_argument("--embed-images", action="store_true", help="inline images in the HTML")
+    p.add_argument(
+        "--judge",
+        type=Path,
+        help="a stricter ONNX recognizer for the report (preprocessing: report.* in --config)",
+    )
     p.add_argument("--collision-threshold", type=float, help="centroid cosine (default 0.6)")
     p.add_argument(
         "--leak-threshold", type=float, help="cosine to a gallery identity (default 0.5)"

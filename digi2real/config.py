@@ -84,6 +84,18 @@ class OutputConfig:
 
 
 @dataclass
+class ReportConfig:
+    # A stricter judge for `digi2real report` than the generation's recognizer: an ONNX
+    # ArcFace-style model (N,3,S,S) -> (N,D) and its preprocessing (same fields as face.json's
+    # recognizer section). None: the report uses the embeddings stored by the run.
+    recognizer: str | None = None
+    input_size: int = 112
+    color: str = "RGB"
+    mean: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    std: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -105,6 +117,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -243,6 +256,11 @@ FREE_FIELDS = frozenset(
         "shift.real_stats",
         "shift.synthetic_stats",
         "shift.required",
+        "report.recognizer",
+        "report.input_size",
+        "report.color",
+        "report.mean",
+        "report.std",
     }
 )
 
@@ -251,7 +269,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "mix":
+        if isinstance(value, dict) and key not in ("mix",):
             flat.update(flatten(value, name + "."))
         else:
             flat[name] = value

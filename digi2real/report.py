@@ -645,7 +645,11 @@ def _distribution_table(named: dict[str, dict[str, Any]]) -> str:
     columns = ("count", "mean", "min", "p05", "median", "p95", "max")
     return _table(
         ("figure", *columns),
-        [(name, *(dist.get(c, "") for c in columns)) for name, dist in named.items()],
+        [
+            (name, *(dist.get(c, "") for c in columns))
+            for name, dist in named.items()
+            if isinstance(dist, dict)  # skips figures a judge makes meaningless, and notes
+        ],
     )
 
 
@@ -784,11 +788,18 @@ def build_report(
     contact_identities: int = 32,
     identities_per_sheet: int = 8,
     block: int = idfilter.DEFAULT_BLOCK,
+    judge: Callable[[Sequence[Path]], np.ndarray] | None = None,
+    judge_name: str | None = None,
 ) -> dict[str, Any]:
     """Write ``OUT/report/`` (report.json, similarity_hist.png, contact sheets, optional HTML).
 
     ``gallery``: a ``.npy`` embedding file (identities from its rows file, else one identity
     per row) or a folder of real face images, embedded by ``gallery_embedder(folder)``.
+    ``judge``: a stricter recognizer than the generation's, ``(image paths) -> (N, D) unit
+    embeddings``: the outputs are re-embedded with it (``report/judge_outputs.npy``) and every
+    identity-level figure uses those; the image-to-target figures stay the generation
+    recognizer's (a target lives in that recognizer's space). A ``.npy`` gallery must then be
+    in the judge's space too.
     Returns the report dict written to report.json.
     """
     _check_threshold("leak_threshold", leak_threshold)
@@ -800,9 +811,14 @@ def build_report(
     dataset = open_dataset(out_dir)
     report_dir = dataset.out_dir / REPORT_DIR
     report_dir.mkdir(exist_ok=True)
+    generation_outputs = dataset.outputs
+    if judge is not None:
+        dataset.outputs = _judge_outputs(dataset, judge, report_dir / "judge_outputs.npy", block)
     figures = compute_figures(
         dataset.outputs,
-        dataset.targets,
+        # targets live in the generation recognizer's space: with a judge the to-target
+        # figures are recomputed below from the run's own embeddings
+        dataset.targets if judge is None else dataset.outputs,
         dataset.codes,
         dataset.identities,
         labels=dataset.labels,
@@ -812,6 +828,16 @@ def build_report(
         block=block,
     )
     report = figures.figures
+    if judge is not None:
+        to_target = idfilter.rowwise_cosine(generation_outputs, dataset.targets, block=block)
+        report["consistency"]["image_to_target"] = distribution(to_target)
+        for key in ("identity_mean_to_target", "identity_min_to_target"):
+            report["consistency"][key] = None
+        report["consistency"]["note"] = (
+            "image_to_target uses the generation recognizer (targets are in its space); "
+            "every other figure uses the judge"
+        )
+        report["judge"] = {"recognizer": judge_name, "embeddings": "judge_outputs.npy"}
     report["counts"]["rejected"] = _count_rows(dataset.out_dir / "rejected.parquet")
     report["counts"]["errors"] = _count_rows(dataset.out_dir / "errors.parquet")
     report["thresholds"]["leak"] = leak_threshold
@@ -841,6 +867,25 @@ def build_report(
         write_html(report, report_dir, embed_images=embed_images)
     logger.info("report written to %s", report_dir)
     return report
+
+
+def _judge_outputs(
+    dataset: Dataset, judge: Callable[[Sequence[Path]], np.ndarray], path: Path, block: int
+) -> np.ndarray:
+    """Embed every accepted image with the judge, in blocks, into a memory map."""
+    total = len(dataset.paths)
+    array: np.ndarray | None = None
+    for start in range(0, total, block):
+        paths = [dataset.out_dir / p for p in dataset.paths[start : start + block]]
+        embeddings = np.asarray(judge(paths), dtype=np.float32)
+        if array is None:
+            array = np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.float32, shape=(total, embeddings.shape[1])
+            )
+        array[start : start + len(paths)] = embeddings
+    assert array is not None
+    array.flush()
+    return np.load(path, mmap_mode="r")
 
 
 def load_report(out_dir: str | Path) -> dict[str, Any]:

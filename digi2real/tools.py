@@ -180,6 +180,41 @@ def gallery_embedder(config: Config):  # noqa: ANN201 - callable for report
     return embed
 
 
+def judge_embedder(config: Config):  # noqa: ANN201 - callable for report
+    """The report's stricter recognizer (``report.recognizer`` in the config), or None."""
+    from digi2real.face import FaceEmbedder, RecognizerSpec
+
+    section = config.report
+    if section.recognizer is None:
+        return None
+    path = Path(section.recognizer)
+    spec = RecognizerSpec(
+        file=path.name,
+        input_size=section.input_size,
+        color=section.color,
+        mean=tuple(section.mean),
+        std=tuple(section.std),
+    )
+    embedder = FaceEmbedder(
+        spec, path, device=config.run.device if config.run.device != "auto" else "cpu"
+    )
+
+    def embed(paths: list[Path]) -> np.ndarray:
+        crops = []
+        for image_path in paths:
+            image = load_image(image_path)
+            if image.shape[:2] != (section.input_size, section.input_size):
+                from PIL import Image
+
+                image = np.asarray(
+                    Image.fromarray(image).resize((section.input_size,) * 2, Image.BICUBIC)
+                )
+            crops.append(image)
+        return embedder.embed(np.stack(crops))
+
+    return embed
+
+
 def run_report(
     out: Path | None,
     *,
@@ -215,12 +250,15 @@ def run_report(
         if (gallery is not None and config is not None and config.weights)
         else None
     )
+    judge = judge_embedder(config) if config is not None else None
     result = report.build_report(
         out,
         gallery=gallery,
         gallery_embedder=embedder,
         html=html,
         embed_images=embed_images,
+        judge=judge,
+        judge_name=config.report.recognizer if config is not None and judge else None,
         **thresholds,
     )
     write_card(out)
