@@ -51,4 +51,3 @@ def sample_dataset() -> Path:
     from digi2real.tools import SAMPLE_DIR
 
     return SAMPLE_DIR
-

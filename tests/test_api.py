@@ -23,7 +23,9 @@ def test_augment_from_a_folder_of_one_identity(d2r, sample_dataset):
         assert meta["steps"] == 3 and meta["interp_kind"] in ("source", "slerp", "dirichlet")
         assert all(p.endswith(".png") for p in meta["source_paths"])
     again = d2r.augment(sample_dataset / "2", num_images=5, seed=1)
-    assert all(np.array_equal(a.image, b.image) for a, b in zip(result.images, again.images, strict=True))
+    assert all(
+        np.array_equal(a.image, b.image) for a, b in zip(result.images, again.images, strict=True)
+    )
     other = d2r.augment(sample_dataset / "2", num_images=5, seed=2)
     assert not np.array_equal(result.images[0].image, other.images[0].image)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import unit_rows
 
 from digi2real.conditioning import IdentityEncoder
-from helpers import unit_rows
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,9 @@ def test_injection_matches_embedding_row_replacement(encoder):
     batch = encoder.encode(vectors)
     assert batch.shape == (3, 77, encoder.hidden_size)
     for i, vector in enumerate(vectors):
-        torch.testing.assert_close(batch[i], reference_by_embedding_row(encoder, vector), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            batch[i], reference_by_embedding_row(encoder, vector), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_batch_of_n_equals_one_at_a_time(encoder):

@@ -32,7 +32,10 @@ def test_paper_preset_requires_stats_with_a_how_to():
     "override, match",
     [
         ({"output.formats": ["webdataset"]}, "must include 'imagefolder'"),
-        ({"output.formats": ["imagefolder", "tfrecord"]}, "valid: imagefolder, webdataset, recordio"),
+        (
+            {"output.formats": ["imagefolder", "tfrecord"]},
+            "valid: imagefolder, webdataset, recordio",
+        ),
         ({"generation.dtype": "float8"}, "unknown generation.dtype"),
         ({"filter.threshold": 2.0}, "cosine"),
         ({"generation.steps": 0}, "positive integer"),
@@ -46,11 +49,19 @@ def test_validation_names_the_value(override, match):
 
 def test_free_and_output_changing_fields():
     base = flatten(Config.preset_named("tiny").to_dict())
-    free = flatten(Config.preset_named("tiny").override({"generation.batch_size": 1, "run.devices": "0,1"}).to_dict())
+    free = flatten(
+        Config.preset_named("tiny")
+        .override({"generation.batch_size": 1, "run.devices": "0,1"})
+        .to_dict()
+    )
     assert output_differences(base, free) == []
-    changed = flatten(Config.preset_named("tiny").override({"generation.steps": 3, "run.seed": 9}).to_dict())
+    changed = flatten(
+        Config.preset_named("tiny").override({"generation.steps": 3, "run.seed": 9}).to_dict()
+    )
     diffs = output_differences(base, changed)
-    assert any(d.startswith("generation.steps") for d in diffs) and any(d.startswith("run.seed") for d in diffs)
+    assert any(d.startswith("generation.steps") for d in diffs) and any(
+        d.startswith("run.seed") for d in diffs
+    )
 
 
 def test_yaml_roundtrip(tmp_path):

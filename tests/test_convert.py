@@ -102,10 +102,27 @@ def test_counts_rows_files_and_errors(reference, source):
 def test_manifest_columns_labels_and_metadata(reference, tiny_weights):
     out, _ = reference
     table = pq.read_table(out / "manifest.parquet")
-    for column in (
-        "key identity label path attempt seed interp_kind source_paths interp_weights sampler "
-        "steps guidance dtype shift_method shift_alpha similarity shard weights_digest version"
-    ).split():
+    for column in [
+        "key",
+        "identity",
+        "label",
+        "path",
+        "attempt",
+        "seed",
+        "interp_kind",
+        "source_paths",
+        "interp_weights",
+        "sampler",
+        "steps",
+        "guidance",
+        "dtype",
+        "shift_method",
+        "shift_alpha",
+        "similarity",
+        "shard",
+        "weights_digest",
+        "version",
+    ]:
         assert column in table.column_names, column
     rows = table.to_pylist()
     labels = [line.split(",") for line in (out / "labels.csv").read_text().splitlines()[1:]]
@@ -114,7 +131,9 @@ def test_manifest_columns_labels_and_metadata(reference, tiny_weights):
     for row in rows:
         assert row["key"] == f"{row['label']:07d}_{row['index']:04d}"
         assert row["weights_digest"] == tiny_weights.digest and row["steps"] == STEPS
-        assert row["source_paths"] and all(p.startswith(f"{row['identity']}/") for p in row["source_paths"])
+        assert row["source_paths"] and all(
+            p.startswith(f"{row['identity']}/") for p in row["source_paths"]
+        )
         assert abs(sum(row["interp_weights"]) - 1) < 1e-6
     outputs = np.load(out / ".digi2real" / "outputs.npy")
     targets = np.load(out / ".digi2real" / "targets.npy")
@@ -178,7 +197,9 @@ def test_batch_size_changes_no_noise(tiny_weights, source, tmp_path):
     rows = {b: pq.read_table(o / "manifest.parquet").to_pylist() for b, o in outs.items()}
     assert [(r["key"], r["seed"]) for r in rows[1]] == [(r["key"], r["seed"]) for r in rows[4]]
     assert len(crops[1]) == len(crops[4]) == len(rows[1])
-    worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(crops[1], crops[4], strict=True))
+    worst = max(
+        int(np.abs(a.astype(int) - b).max()) for a, b in zip(crops[1], crops[4], strict=True)
+    )
     assert worst <= 2
     for row in rows[1]:
         a = np.asarray(Image.open(outs[1] / row["path"]), dtype=int)
@@ -188,7 +209,11 @@ def test_batch_size_changes_no_noise(tiny_weights, source, tmp_path):
 
 def test_changed_config_is_refused_naming_the_field(reference, tiny_weights, source):
     with pytest.raises(ConfigMismatchError, match="generation.steps"):
-        convert(tiny_config(tiny_weights, source[0], **{"generation.steps": STEPS + 1}), reference[0], progress=False)
+        convert(
+            tiny_config(tiny_weights, source[0], **{"generation.steps": STEPS + 1}),
+            reference[0],
+            progress=False,
+        )
 
 
 def test_kill_mid_run_then_resume_gives_the_same_output(reference, tiny_weights, source, tmp_path):
@@ -196,7 +221,17 @@ def test_kill_mid_run_then_resume_gives_the_same_output(reference, tiny_weights,
     cfg = tiny_config(tiny_weights, source[0])
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
-    cmd = [sys.executable, "-m", "digi2real.cli", "convert", str(source[0]), str(out), "--config", str(cfg_path), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "digi2real.cli",
+        "convert",
+        str(source[0]),
+        str(out),
+        "--config",
+        str(cfg_path),
+        "-q",
+    ]
     env = {**os.environ, "DIGI2REAL_FAULT": "shard-images-written@1"}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
@@ -210,9 +245,16 @@ def test_kill_mid_run_then_resume_gives_the_same_output(reference, tiny_weights,
 
 def test_overwrite_starts_over(tiny_weights, source, tmp_path):
     out = tmp_path / "o"
-    convert(tiny_config(tiny_weights, source[0], **{"source.identities": "first:1"}), out, progress=False)
+    convert(
+        tiny_config(tiny_weights, source[0], **{"source.identities": "first:1"}),
+        out,
+        progress=False,
+    )
     summary = convert(
-        tiny_config(tiny_weights, source[0], **{"source.identities": "first:2"}), out, overwrite=True, progress=False
+        tiny_config(tiny_weights, source[0], **{"source.identities": "first:2"}),
+        out,
+        overwrite=True,
+        progress=False,
     )
     assert summary.identities == 2
 
@@ -228,7 +270,18 @@ def test_cli_dry_run_plans_without_generating(tiny_weights, source, tmp_path, ca
     from digi2real.cli import main
 
     out = tmp_path / "dry"
-    code = main(["convert", str(source[0]), str(out), "--weights", str(tiny_weights.root), "--preset", "tiny", "--dry-run"])
+    code = main(
+        [
+            "convert",
+            str(source[0]),
+            str(out),
+            "--weights",
+            str(tiny_weights.root),
+            "--preset",
+            "tiny",
+            "--dry-run",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0
     assert "identities" in text and "estimated_gpu_hours" in text and "out_writable" in text

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import unit_rows
 
 from digi2real.generate import Arc2FaceGenerator, SamplerSettings
-from helpers import unit_rows
 
 FAST = SamplerSettings(steps=4, guidance=3.0)
 
@@ -66,9 +66,15 @@ def test_guidance_changes_the_output(generator):
         ({"seeds": [1]}, "exactly one of id_embeds or cond"),
         ({"id_embeds": unit_rows(2, 16), "seeds": [1]}, "seeds has 1 entries"),
         ({"id_embeds": unit_rows(1, 16)}, "exactly one of seeds"),
-        ({"id_embeds": unit_rows(1, 16), "seeds": [1], "latents": torch.zeros(1, 4, 8, 8)}, "exactly one of seeds"),
+        (
+            {"id_embeds": unit_rows(1, 16), "seeds": [1], "latents": torch.zeros(1, 4, 8, 8)},
+            "exactly one of seeds",
+        ),
         ({"cond": torch.zeros(1, 5, 5), "seeds": [1]}, "cond must have shape"),
-        ({"id_embeds": unit_rows(1, 16), "latents": torch.zeros(1, 4, 4, 4)}, "latents must have shape"),
+        (
+            {"id_embeds": unit_rows(1, 16), "latents": torch.zeros(1, 4, 4, 4)},
+            "latents must have shape",
+        ),
     ],
 )
 def test_invalid_inputs(generator, kwargs, match):

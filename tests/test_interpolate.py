@@ -34,7 +34,9 @@ def test_plan_records_sources_weights_and_is_deterministic():
     again = plan_identity("id_1", embeddings, config, run_seed=7)
     other = plan_identity("id_2", embeddings, config, run_seed=7)
     assert [t.index for t in plan] == list(range(10))
-    assert [(t.kind, t.sources, t.weights) for t in plan] == [(t.kind, t.sources, t.weights) for t in again]
+    assert [(t.kind, t.sources, t.weights) for t in plan] == [
+        (t.kind, t.sources, t.weights) for t in again
+    ]
     assert [t.weights for t in plan] != [t.weights for t in other]
     kinds = {t.kind for t in plan}
     assert kinds == {"source", "slerp", "dirichlet"}
@@ -46,7 +48,9 @@ def test_plan_records_sources_weights_and_is_deterministic():
         if t.kind == "slerp":
             a, b = t.sources
             assert a != b
-            assert np.allclose(t.embedding, slerp(embeddings[a], embeddings[b], t.weights[1]), atol=1e-6)
+            assert np.allclose(
+                t.embedding, slerp(embeddings[a], embeddings[b], t.weights[1]), atol=1e-6
+            )
         if t.kind == "dirichlet":
             mixed = np.asarray(t.weights) @ embeddings[list(t.sources)].astype(np.float64)
             assert np.allclose(t.embedding, mixed / np.linalg.norm(mixed), atol=1e-6)
@@ -58,9 +62,22 @@ def test_single_image_identity_uses_its_source_only():
 
 
 def test_split_counts_largest_remainder():
-    counts = split_counts(10, {"source": 0.2, "slerp": 0.5, "dirichlet": 0.3}, dict.fromkeys(("source", "slerp", "dirichlet"), True))
+    counts = split_counts(
+        10,
+        {"source": 0.2, "slerp": 0.5, "dirichlet": 0.3},
+        dict.fromkeys(("source", "slerp", "dirichlet"), True),
+    )
     assert counts == {"source": 2, "slerp": 5, "dirichlet": 3}
-    assert sum(split_counts(7, {"source": 1, "slerp": 1, "dirichlet": 1}, dict.fromkeys(("source", "slerp", "dirichlet"), True)).values()) == 7
+    assert (
+        sum(
+            split_counts(
+                7,
+                {"source": 1, "slerp": 1, "dirichlet": 1},
+                dict.fromkeys(("source", "slerp", "dirichlet"), True),
+            ).values()
+        )
+        == 7
+    )
 
 
 def test_seeds_are_stable_hashes_not_python_hash():

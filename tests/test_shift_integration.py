@@ -29,13 +29,27 @@ def encoder(tiny_weights):
 @pytest.fixture(scope="module")
 def stats_pair(encoder):
     torch.set_num_threads(1)
-    real = compute_stats(embedding_batches(population(1, 300), 64), encoder.encode, kind="real", encoder_digest=encoder.digest, source="A")
-    synth = compute_stats(embedding_batches(population(2, 300), 64), encoder.encode, kind="synthetic", encoder_digest=encoder.digest, source="B")
+    real = compute_stats(
+        embedding_batches(population(1, 300), 64),
+        encoder.encode,
+        kind="real",
+        encoder_digest=encoder.digest,
+        source="A",
+    )
+    synth = compute_stats(
+        embedding_batches(population(2, 300), 64),
+        encoder.encode,
+        kind="synthetic",
+        encoder_digest=encoder.digest,
+        source="B",
+    )
     return real, synth
 
 
 def corrected_population_stats(encoder, shift, embeddings):
-    cond = torch.cat([shift.apply(encoder.encode(b)).double() for b in embedding_batches(embeddings, 64)])
+    cond = torch.cat(
+        [shift.apply(encoder.encode(b)).double() for b in embedding_batches(embeddings, 64)]
+    )
     return cond.mean(0).numpy(), cond.var(0, unbiased=False).numpy()
 
 
@@ -69,7 +83,9 @@ def test_shared_prefix_has_zero_variance_and_no_nan(encoder, stats_pair):
     real, synth = stats_pair
     pos = int(encoder.id_positions[0])
     assert synth.variance[:pos].max() < 1e-10  # causal prefix: identical for every identity
-    out = DomainShift("moment_match", 1.0, "all", real, synth).apply(encoder.encode(population(2, 4)))
+    out = DomainShift("moment_match", 1.0, "all", real, synth).apply(
+        encoder.encode(population(2, 4))
+    )
     assert torch.isfinite(out).all()
 
 
@@ -79,22 +95,63 @@ def test_cli_stats_real_synthetic_merge_compare(tiny_weights, tmp_path, capsys):
     save_embeddings(synth_npy, population(2, 120))
     w = ["--weights", str(tiny_weights.root), "--preset", "tiny"]
     assert main(["stats", "real", str(real_npy), "--out", str(tmp_path / "real.stats"), *w]) == 0
-    assert main(["stats", "synthetic", str(synth_npy), "--out", str(tmp_path / "synth.stats"), *w]) == 0
+    assert (
+        main(["stats", "synthetic", str(synth_npy), "--out", str(tmp_path / "synth.stats"), *w])
+        == 0
+    )
     save_embeddings(tmp_path / "s1.npy", population(2, 120)[:50])
     save_embeddings(tmp_path / "s2.npy", population(2, 120)[50:])
     for part in ("s1", "s2"):
-        assert main(["stats", "synthetic", str(tmp_path / f"{part}.npy"), "--out", str(tmp_path / f"{part}.stats"), *w]) == 0
-    assert main(["stats", "merge", str(tmp_path / "s1.stats"), str(tmp_path / "s2.stats"), "--out", str(tmp_path / "merged.stats")]) == 0
+        assert (
+            main(
+                [
+                    "stats",
+                    "synthetic",
+                    str(tmp_path / f"{part}.npy"),
+                    "--out",
+                    str(tmp_path / f"{part}.stats"),
+                    *w,
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "stats",
+                "merge",
+                str(tmp_path / "s1.stats"),
+                str(tmp_path / "s2.stats"),
+                "--out",
+                str(tmp_path / "merged.stats"),
+            ]
+        )
+        == 0
+    )
     whole, merged = load_stats(tmp_path / "synth.stats"), load_stats(tmp_path / "merged.stats")
     assert merged.count == whole.count == 120
     assert np.allclose(merged.mean, whole.mean, rtol=1e-6, atol=1e-9)
     png = tmp_path / "gap.png"
     capsys.readouterr()
-    assert main(["stats", "compare", str(tmp_path / "real.stats"), str(tmp_path / "synth.stats"), "--png", str(png)]) == 0
+    assert (
+        main(
+            [
+                "stats",
+                "compare",
+                str(tmp_path / "real.stats"),
+                str(tmp_path / "synth.stats"),
+                "--png",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert png.stat().st_size > 1000 and "after" in capsys.readouterr().out.lower()
 
 
-def test_conversion_with_shift_records_alpha_and_refuses_other_encoder(tiny_weights, tmp_path, sample_dataset, stats_pair):
+def test_conversion_with_shift_records_alpha_and_refuses_other_encoder(
+    tiny_weights, tmp_path, sample_dataset, stats_pair
+):
     from digi2real.config import Config
     from digi2real.runner.convert import convert
     from digi2real.weights import build_tiny

@@ -23,7 +23,10 @@ def test_tiny_profile_has_the_real_layout(tiny_weights):
     # configs carry the same classes as the real ones, with small widths
     unet = json.loads((root / "arc2face/config.json").read_text())
     assert unet["_class_name"] == "UNet2DConditionModel"
-    assert unet["cross_attention_dim"] == json.loads((root / "encoder/config.json").read_text())["hidden_size"]
+    assert (
+        unet["cross_attention_dim"]
+        == json.loads((root / "encoder/config.json").read_text())["hidden_size"]
+    )
 
 
 def test_tiny_tokenizer_is_the_real_clip_vocabulary(tiny_weights):
@@ -76,7 +79,15 @@ def test_tiny_refuses_to_overwrite_without_force(tiny_weights):
 def test_package_manifest_is_complete_and_honest():
     files = weights.load_package_manifest()["files"]
     components = {f["component"] for f in files}
-    assert {"unet", "encoder", "recognizer", "vae", "tokenizer", "scheduler", "detector"} <= components
+    assert {
+        "unet",
+        "encoder",
+        "recognizer",
+        "vae",
+        "tokenizer",
+        "scheduler",
+        "detector",
+    } <= components
     for entry in files:
         assert entry["license"] and "commercial" in entry
         source = entry["source"]
@@ -105,7 +116,9 @@ def test_pickled_checkpoint_converted_with_weights_only(tmp_path):
 
     state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
     torch.save(state, tmp_path / "pytorch_model.bin")
-    weights.convert_bin_to_safetensors(tmp_path / "pytorch_model.bin", tmp_path / "model.safetensors")
+    weights.convert_bin_to_safetensors(
+        tmp_path / "pytorch_model.bin", tmp_path / "model.safetensors"
+    )
     loaded = load_file(tmp_path / "model.safetensors")
     assert torch.equal(loaded["a.weight"], state["a.weight"])
 
