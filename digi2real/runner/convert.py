@@ -63,10 +63,14 @@ def devices_for(config: Config) -> list[str]:
 
 @dataclass
 class Progress:
-    total_targets: int
+    """The progress bar's figures: identities, images (the bar itself, with its ETA),
+    accepted rate and generated images/s."""
+
+    shard_sizes: dict[int, int]
     bar: Any = None
     accepted: int = 0
     generated: int = 0
+    identities: int = 0
     start: float = 0.0
 
     def __post_init__(self) -> None:
@@ -75,11 +79,16 @@ class Progress:
     def __call__(self, result: ShardResult) -> None:
         self.accepted += result.accepted
         self.generated += result.generated
+        self.identities += self.shard_sizes.get(result.shard, 0)
         if self.bar is not None:
             self.bar.update(result.accepted + result.rejected)
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             rate = self.accepted / max(self.generated, 1)
-            self.bar.set_postfix(accepted=f"{rate:.0%}", img_s=f"{self.generated / elapsed:.2f}")
+            self.bar.set_postfix(
+                ids=f"{self.identities}/{sum(self.shard_sizes.values())}",
+                accepted=f"{rate:.0%}",
+                img_s=f"{self.generated / elapsed:.2f}",
+            )
 
 
 def preflight(config: Config, out: Path) -> dict[str, Any]:
@@ -96,6 +105,12 @@ def preflight(config: Config, out: Path) -> dict[str, Any]:
     free = shutil.disk_usage(probe).free
     writable = _writable(probe)
     device = resolve_device(config.run.device)
+    live = "weights not usable"
+    if weights_check is not None and weights_check.ok:
+        from digi2real.runner.engine import FaceStack
+
+        faces = FaceStack(config, open_weights(config.weights), device=device)
+        live = {"detector": faces.detector.providers, "recognizer": faces.embedder.providers}
     return {
         "identities": plan.num_identities,
         "source_images": plan.num_images,
@@ -108,6 +123,7 @@ def preflight(config: Config, out: Path) -> dict[str, Any]:
         if weights_check and weights_check.ok
         else (weights_check.problems if weights_check else "not set"),
         "torch_device": device,
+        "onnxruntime_providers_live": live,
         "onnxruntime_providers_available": onnxruntime.get_available_providers(),
         "free_disk_gb": free / 1e9,
         "out_writable": writable,
@@ -153,7 +169,7 @@ def convert(
             desc="convert",
             dynamic_ncols=True,
         )
-    tracker = Progress(0, bar)
+    tracker = Progress({s: len(plan.shards[s]) for s in todo}, bar)
     devices = devices_for(config)
     from digi2real.runner.engine import resolve_device
 
