@@ -52,6 +52,7 @@ class GenerationConfig:
     batch_size: int = 16  # targets per UNet call (x2 for guidance); performance only
     channels_last: bool = True
     compile: bool = False
+    overlap: bool = True  # post-process batch k on a thread while batch k+1 diffuses
 
 
 @dataclass
@@ -248,6 +249,7 @@ FREE_FIELDS = frozenset(
         "generation.batch_size",
         "generation.compile",
         "generation.channels_last",
+        "generation.overlap",
         "run.device",
         "run.devices",
         "run.runner",

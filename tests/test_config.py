@@ -5,14 +5,14 @@ import pytest
 from digi2real.config import Config, flatten, output_differences
 
 
-@pytest.mark.parametrize("name", ["default", "fast", "tiny"])
+@pytest.mark.parametrize("name", ["default", "fast", "fast20", "fast15", "tiny"])
 def test_presets_load(name):
     config = Config.preset_named(name)
     assert config.preset == name
 
 
 def test_unknown_preset_and_field_name_valid_choices():
-    with pytest.raises(ValueError, match="valid: default, fast, tiny"):
+    with pytest.raises(ValueError, match="valid: default, fast, fast15, fast20, tiny"):
         Config.preset_named("nope")
     with pytest.raises(ValueError, match="unknown config field.*stepz"):
         Config.from_dict({"generation": {"stepz": 3}})
