@@ -465,12 +465,14 @@ def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
                 "`digi2real weights verify --dir DIR`."
             ) from error
         target.parent.mkdir(parents=True, exist_ok=True)
+        source_sha = sha256_file(fetched)
         if source.get("convert") == "torch-bin-to-safetensors":
             convert_bin_to_safetensors(fetched, target)
         else:
-            shutil.copyfile(fetched, target)
+            # the download dir is ours and on the same file system: a rename, not a 3 GB copy
+            os.replace(fetched, target)
         entry = _entry_for(root, rel, meta)
-        entry["source"] = {**source, "sha256_of_source": sha256_file(fetched)}
+        entry["source"] = {**source, "sha256_of_source": source_sha}
         if meta.get("sha256") and meta["sha256"] != entry["sha256"]:
             raise ValueError(
                 f"{rel}: downloaded sha256 {entry['sha256']} differs from the package "
