@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from digi2real import __version__, faults
 from digi2real.config import Config
 from digi2real.data import fsio
 from digi2real.data.writers import Sample, get_writer, sample_key
-from digi2real.runner.plan import Plan, error_table, is_committed, shard_dir, state_dir
+from digi2real.runner.plan import (
+    STATE,
+    Plan,
+    error_table,
+    is_committed,
+    shard_dir,
+    state_dir,
+)
 from digi2real.runner.shard import MANIFEST_SCHEMA, REJECTED_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -117,6 +125,7 @@ def finalize(
     if missing:
         raise RuntimeError(f"cannot finalise: shards not committed: {missing[:20]}")
     faults.point("finalize-start")
+    _remove_stale_temps(out)
     manifests, rejected, errors, outputs, targets = [], [], [error_table(plan.errors)], [], []
     for shard in range(len(plan.shards)):
         part = shard_dir(out, shard)
@@ -192,6 +201,22 @@ def finalize(
     # the manifest last: a dataset with manifest.parquet is a finished dataset
     _write_parquet(out / "manifest.parquet", manifest)
     return summary
+
+
+# fsio.temp_name: ".<name>.<pid>.<12 hex>.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.tmp$")
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary files of writes that a killed run never finished (finalisation runs alone;
+    images/ is cleaned by :func:`_remove_orphans`, run state needs no cleaning)."""
+    for dirpath, dirs, files in os.walk(out):
+        if Path(dirpath) == out:
+            dirs[:] = [d for d in dirs if d not in (STATE, "images")]
+        for name in files:
+            if _TEMP_NAME.match(name):
+                logger.info("removing stale temporary file %s", Path(dirpath, name))
+                (Path(dirpath) / name).unlink()
 
 
 def _remove_orphans(out: Path, paths: set[str]) -> None:

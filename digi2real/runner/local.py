@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import multiprocessing as mp
+import os
 import queue
 import traceback
 from collections.abc import Callable, Iterable
@@ -21,13 +22,13 @@ from typing import Any
 
 from digi2real.config import Config
 from digi2real.data.fsio import OutputWriteError
-from digi2real.data.readers import IdentitySource
 from digi2real.runner.plan import Plan
 from digi2real.runner.shard import ShardResult
 
 logger = logging.getLogger(__name__)
 
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+ENV_PREFIX = "DIGI2REAL_"  # settings every worker sees as the driver does (fault injection)
 # how often an idle worker checks that its driver is still alive
 _POLL_SECONDS = 0.5
 
@@ -105,10 +106,15 @@ def _worker_main(
     config_dict: dict[str, Any],
     out: str,
     source_root: str,
+    env: dict[str, str],
     inbox: Any,
     outbox: Any,
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # a forkserver child inherits the server's environment, not the driver's
+    for key in [key for key in os.environ if key.startswith(ENV_PREFIX)]:
+        del os.environ[key]
+    os.environ.update(env)
     config = Config.from_dict(config_dict)
     try:
         runner = build_shard_runner(config, Path(out), Path(source_root), device)
@@ -157,17 +163,18 @@ class _Scheduler:
         self.todo = list(shards)
         self.retries = config.run.max_shard_retries
         self.outcome = outcome
-        self.failed_on: dict[int, set[str]] = {}  # shard -> workers it failed on
+        self.failed_on: dict[int, list[str]] = {}  # shard -> workers it failed on, in order
 
-    def pick(self, worker: _Worker, idle: list[_Worker]) -> int | None:
-        """A shard for ``worker``: one that has not failed on it; a shard that failed on it is
-        taken only when no live worker is left that it has not failed on."""
+    def pick(self, worker: _Worker, live: list[_Worker]) -> int | None:
+        """A shard for ``worker``: one that has not failed on it; else one that has failed on
+        every live worker, but not last on this one (unless it is the only one left)."""
         for shard in self.todo:
             if worker.name not in self.failed_on.get(shard, ()):
                 return shard
         for shard in self.todo:
-            others = [w for w in idle if w.name not in self.failed_on.get(shard, ())]
-            if not others:
+            tried = self.failed_on.get(shard, [])
+            everywhere = all(other.name in tried for other in live)
+            if everywhere and (tried[-1] != worker.name or len(live) == 1):
                 return shard
         return None
 
@@ -183,7 +190,7 @@ class _Scheduler:
 
     def fail(self, worker: _Worker, shard: int, error: str) -> None:
         worker.shard = None
-        self.failed_on.setdefault(shard, set()).add(worker.name)
+        self.failed_on.setdefault(shard, []).append(worker.name)
         self.outcome.failed[shard] = error.splitlines()[0]
         tries = len(self.outcome.attempts.get(shard, []))
         if tries <= self.retries:
@@ -201,17 +208,24 @@ def run_workers(
     *,
     devices: list[str],
     on_result: Callable[[ShardResult], None] = lambda r: None,
+    start_method: str = "spawn",
 ) -> RunOutcome:
     """One worker process per entry of ``devices`` (e.g. ``["cuda:0", "cuda:1"]`` or
-    ``["cpu"] * 2``), each with its own model copy, pulling shards from the plan."""
+    ``["cpu"] * 2``), each with its own model copy, pulling shards from the plan.
+
+    ``start_method`` is multiprocessing's: ``spawn`` (default: CUDA cannot be used in a
+    child forked from a process that touched it) or ``forkserver``."""
     if not devices:
         raise ValueError("run_workers needs at least one device")
-    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    if start_method not in ("spawn", "forkserver"):
+        raise ValueError(f"unknown start_method {start_method!r}; valid: spawn, forkserver")
+    ctx = mp.get_context(start_method)
     outbox = ctx.Queue()
     outcome = RunOutcome()
     scheduler = _Scheduler(shards, config, outcome)
     workers: dict[int, _Worker] = {}
     config_dict = config.to_dict()
+    env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIX)}
     next_id = 0
     start_failures = 0
 
@@ -220,7 +234,16 @@ def run_workers(
         inbox = ctx.Queue()
         process = ctx.Process(
             target=_worker_main,
-            args=(next_id, device, config_dict, str(out), str(plan.source_root), inbox, outbox),
+            args=(
+                next_id,
+                device,
+                config_dict,
+                str(out),
+                str(plan.source_root),
+                env,
+                inbox,
+                outbox,
+            ),
             daemon=True,
         )
         process.start()
@@ -238,7 +261,7 @@ def run_workers(
             start_failures += 1
         # a death while running a shard is charged to that shard, whose attempts are bounded;
         # deaths while starting are bounded separately
-        if start_failures < len(devices) and (scheduler.todo or worker.shard is not None):
+        if scheduler.todo and start_failures < len(devices):
             spawn(worker.device)
 
     for device in devices:
@@ -249,9 +272,9 @@ def run_workers(
             busy = [w for w in workers.values() if w.shard is not None]
             if not scheduler.todo and not busy:
                 break
-            idle = [w for w in workers.values() if w.ready and w.shard is None]
-            for worker in idle:
-                shard = scheduler.pick(worker, idle)
+            live = list(workers.values())
+            for worker in [w for w in live if w.ready and w.shard is None]:
+                shard = scheduler.pick(worker, live)
                 if shard is not None:
                     scheduler.start(worker, shard)
                     worker.inbox.put((shard, plan.shards[shard]))
@@ -304,19 +327,3 @@ def _stop(workers: Iterable[_Worker]) -> None:
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join()
-
-
-def source_root_of(plan: Plan) -> Path:
-    return plan.source_root
-
-
-__all__ = [
-    "FATAL_ERRNOS",
-    "IdentitySource",
-    "RunOutcome",
-    "build_shard_runner",
-    "fatal_error",
-    "is_fatal",
-    "run_in_process",
-    "run_workers",
-]

@@ -130,7 +130,7 @@ def prepare_out(out: Path, config: Config, derived: dict[str, Any], *, overwrite
     state = state_dir(out)
     record = run_record(config, derived)
     if overwrite and out.exists():
-        if not (state / "run.json").is_file() and any(out.iterdir()):
+        if not (state / "run.json").is_file() and _has_foreign_files(out):
             raise ValueError(
                 f"refusing to --overwrite {out}: it is not empty and is not a digi2real output"
             )
@@ -150,7 +150,7 @@ def prepare_out(out: Path, config: Config, derived: dict[str, Any], *, overwrite
                 + "\nuse another OUT, or --overwrite to start over"
             )
         return load_plan(out, config)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _has_foreign_files(out):
         raise ValueError(f"{out} exists and is not a digi2real output; choose an empty or new dir")
     plan = make_plan(config)
     state.mkdir(parents=True, exist_ok=True)
@@ -165,6 +165,11 @@ def prepare_out(out: Path, config: Config, derived: dict[str, Any], *, overwrite
         state / "run.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     )
     return plan
+
+
+def _has_foreign_files(out: Path) -> bool:
+    # a state folder without run.json is a planning run that was killed: plan again over it
+    return any(entry.name != STATE for entry in out.iterdir())
 
 
 def load_plan(out: Path, config: Config) -> Plan:
