@@ -31,7 +31,17 @@ def test_train_a_short_epoch_on_the_demo_output(converted, tmp_path, data_format
 
     ckpt = tmp_path / "ckpt"
     args = ["evaluate", "train", str(converted), "--out", str(ckpt), "--backbone", "small"]
-    args += ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--format", data_format, "--no-progress"]
+    args += [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--format",
+        data_format,
+        "--no-progress",
+    ]
     assert main(args) == 0
     state = load_checkpoint(ckpt / "checkpoint.pt")
     assert state["epoch"] == 1 and state["step"] == 3  # 24 images / batch 8
