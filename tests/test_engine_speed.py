@@ -131,3 +131,47 @@ def test_channels_last_follows_the_config_and_sdpa_is_used(engine, tiny_weights)
 def test_overlap_config_default_is_on(engine):
     generation = dataclasses.asdict(engine.config.generation)
     assert engine.overlap is generation.get("overlap", True)
+
+
+def test_accepted_images_are_written_while_the_next_batch_diffuses(
+    tiny_weights, sample_dataset, tmp_path, monkeypatch
+):
+    """The shard's image writes run on the post-processing thread, as each batch is judged,
+    not after the whole shard has diffused."""
+    import threading
+
+    from digi2real.config import Config
+    from digi2real.data.writers import ImageFolderWriter
+    from digi2real.runner.convert import convert
+    from digi2real.runner.engine import Engine
+
+    events: list[tuple[str, str]] = []
+    original_write = ImageFolderWriter.write
+    original_batch = Engine._generate_batch
+
+    def write(self, sample):
+        events.append(("write", threading.current_thread().name))
+        return original_write(self, sample)
+
+    def diffuse(self, targets, seeds):
+        events.append(("diffuse", threading.current_thread().name))
+        return original_batch(self, targets, seeds)
+
+    monkeypatch.setattr(ImageFolderWriter, "write", write)
+    monkeypatch.setattr(Engine, "_generate_batch", diffuse)
+    config = Config.preset_named("tiny").override(
+        {
+            "weights": str(tiny_weights.root),
+            "source.root": str(sample_dataset),
+            "source.identities": "first:2",
+            "generation.steps": 2,
+            "generation.batch_size": 2,
+            "output.shard_size": 2,
+        }
+    )
+    convert(config, tmp_path / "out", progress=False)
+    writes = [i for i, (kind, _) in enumerate(events) if kind == "write"]
+    diffusions = [i for i, (kind, _) in enumerate(events) if kind == "diffuse"]
+    assert len(writes) == 8 and len(diffusions) == 4
+    assert all(name.startswith("postprocess") for kind, name in events if kind == "write")
+    assert writes[0] < diffusions[-1]  # the first images land before the last batch diffuses

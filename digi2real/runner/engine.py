@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,16 +216,30 @@ class Engine(FaceStack):
         self.timings.batches.append(size)
         return batch
 
-    def _timed_postprocess(self, images: list[np.ndarray]) -> list[GeneratedFace]:
+    def _timed_postprocess(
+        self,
+        images: list[np.ndarray],
+        offset: int = 0,
+        on_faces: Callable[[int, list[GeneratedFace]], None] | None = None,
+    ) -> list[GeneratedFace]:
         begin = time.perf_counter()
         faces = self.postprocess(images)
+        if on_faces is not None:
+            on_faces(offset, faces)
         self.timings.postprocess += time.perf_counter() - begin
         return faces
 
-    def generate(self, targets: np.ndarray, seeds: list[int]) -> list[GeneratedFace]:
+    def generate(
+        self,
+        targets: np.ndarray,
+        seeds: list[int],
+        on_faces: Callable[[int, list[GeneratedFace]], None] | None = None,
+    ) -> list[GeneratedFace]:
         """Generate, align, embed and encode, in input order; batches of ``batch_size``, halved
         on CUDA OOM. Post-processing of a batch overlaps the next batch's diffusion unless
-        ``generation.overlap`` is false."""
+        ``generation.overlap`` is false. ``on_faces(offset, faces)`` is called as each batch
+        is post-processed (on the post-processing thread): the shard writes accepted images
+        there, so writing overlaps diffusion too."""
         if len(targets) != len(seeds):
             raise ValueError(f"{len(targets)} targets but {len(seeds)} seeds")
         results: list[GeneratedFace] = []
@@ -241,14 +256,15 @@ class Engine(FaceStack):
                 if batch is None:
                     continue
                 start += len(batch)
+                offset = start - len(batch)
                 if pool is None:
-                    results.extend(self._timed_postprocess(list(batch)))
+                    results.extend(self._timed_postprocess(list(batch), offset, on_faces))
                     continue
                 # one batch in flight: post-processing k overlaps diffusion k+1, and host
                 # memory holds at most two batches of images
                 if in_flight is not None:
                     results.extend(self._collect(in_flight))
-                in_flight = pool.submit(self._timed_postprocess, list(batch))
+                in_flight = pool.submit(self._timed_postprocess, list(batch), offset, on_faces)
             if in_flight is not None:
                 results.extend(self._collect(in_flight))
         finally:

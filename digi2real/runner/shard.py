@@ -10,6 +10,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,15 @@ class Accepted:
 
 
 def generate_with_retries(
-    engine: Any, pending: list[Pending], config: Config
+    engine: Any,
+    pending: list[Pending],
+    config: Config,
+    on_accept: Callable[[Accepted], None] | None = None,
 ) -> tuple[list[Accepted], list[Pending], int]:
     """Generate every pending target; a target whose output misses the identity threshold (or
-    has no face) is retried with the next derived seed, up to ``filter.max_attempts``."""
+    has no face) is retried with the next derived seed, up to ``filter.max_attempts``.
+    ``on_accept`` sees each accepted image as soon as its batch is post-processed (while the
+    next batch diffuses)."""
     accepted: list[Accepted] = []
     rejected: list[Pending] = []
     generated = 0
@@ -121,21 +127,42 @@ def generate_with_retries(
             item.seeds.append(
                 image_seed(config.run.seed, item.identity, item.target.index, item.attempt)
             )
-        faces = engine.generate(
-            np.stack([p.target.embedding for p in pending]), [p.seeds[-1] for p in pending]
+        decided: dict[int, Accepted | None] = {}
+
+        def decide(
+            offset: int,
+            faces: list[GeneratedFace],
+            batch: list[Pending] = pending,
+            decided: dict[int, Accepted | None] = decided,
+        ) -> None:
+            for i, face in enumerate(faces):
+                item = batch[offset + i]
+                if face.embedding is None:
+                    item.reason = face.reason
+                    decided[offset + i] = None
+                    continue
+                similarity = float(np.dot(face.embedding, item.target.embedding))
+                if similarity >= threshold:
+                    decided[offset + i] = done = Accepted(item, similarity, face)
+                    if on_accept is not None:
+                        on_accept(done)
+                else:
+                    item.best = max(item.best, similarity)
+                    item.reason = f"similarity below {threshold}"
+                    decided[offset + i] = None
+
+        engine.generate(
+            np.stack([p.target.embedding for p in pending]),
+            [p.seeds[-1] for p in pending],
+            on_faces=decide,
         )
         generated += len(pending)
         retry: list[Pending] = []
-        for item, face in zip(pending, faces, strict=True):
-            if face.embedding is None:
-                item.reason = face.reason
-            else:
-                similarity = float(np.dot(face.embedding, item.target.embedding))
-                if similarity >= threshold:
-                    accepted.append(Accepted(item, similarity, face))
-                    continue
-                item.best = max(item.best, similarity)
-                item.reason = f"similarity below {threshold}"
+        for i, item in enumerate(pending):
+            done = decided[i]
+            if done is not None:
+                accepted.append(done)
+                continue
             item.attempt += 1
             (retry if item.attempt < config.filter.max_attempts else rejected).append(item)
         pending = retry
@@ -244,28 +271,31 @@ class ShardRunner:
             for target in targets[name]:
                 pending.append(Pending(name, target, [paths[i] for i in target.sources]))
 
+        def write_image(done: Accepted) -> None:
+            # atomic and deterministic: an uncommitted shard's images are rewritten (or, if
+            # no longer accepted, removed at finalisation) when the shard is redone
+            self.image_writer.write(
+                Sample(
+                    key="",
+                    label=-1,
+                    identity=done.item.identity,
+                    index=done.item.target.index,
+                    shard=shard,
+                    data=done.face.jpeg,
+                    meta={},
+                )
+            )
+
         accepted, rejected, result.generated = generate_with_retries(
-            self.engine, pending, self.config
+            self.engine, pending, self.config, on_accept=write_image
         )
         faults.point("shard-generated", shard)
+        faults.point("shard-images-written", shard)
 
         # each part is written under a temp name unique to this attempt and renamed in; the
         # manifest part goes last and is the commit marker (idempotent: same bytes each time)
         final.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for done in accepted:
-            sample = Sample(
-                key="",
-                label=-1,
-                identity=done.item.identity,
-                index=done.item.target.index,
-                shard=shard,
-                data=done.face.jpeg,
-                meta={},
-            )
-            self.image_writer.write(sample)
-            rows.append(self._manifest_row(shard, done.item, done.similarity))
-        faults.point("shard-images-written", shard)
+        rows = [self._manifest_row(shard, done.item, done.similarity) for done in accepted]
         parts = {
             "errors.parquet": error_table([dataclasses.replace(e, shard=shard) for e in errors]),
             "rejected.parquet": pa.Table.from_pylist(
