@@ -267,6 +267,35 @@ FREE_FIELDS = frozenset(
 )
 
 
+# How and where a run executed (a subset of FREE_FIELDS): recorded in config.yaml's
+# environment section, not its config, so one conversion run on different runners, devices
+# or batch sizes writes identical files outside that section.
+PLACEMENT_FIELDS = (
+    "generation.batch_size",
+    "generation.compile",
+    "generation.channels_last",
+    "generation.overlap",
+    "run.device",
+    "run.devices",
+    "run.runner",
+    "run.ray_address",
+    "run.max_shard_retries",
+)
+
+
+def split_placement(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config without placement fields, the placement fields flattened)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    placement = {}
+    for dotted in PLACEMENT_FIELDS:
+        section, leaf = dotted.split(".")
+        if leaf in data.get(section, {}):
+            placement[dotted] = data[section].pop(leaf)
+    return data, placement
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():

@@ -187,16 +187,14 @@ def killed_after(argv: list[str], delay: float, *, anchor: Path, log: Path) -> i
 
 
 def _normal_config(record: dict) -> dict:
-    record.pop("environment", None)
-    for key in RUN_FIELDS:
-        record.get("config", record).get("run", {}).pop(key, None)
+    record.pop("environment", None)  # how/where it ran (placement) lives there too
     return record
 
 
 def tree(out: Path) -> dict[str, bytes]:
     """Every file under ``out`` as bytes (run state included, its temporary files not), with
-    what may differ between runs of one output taken out: config.yaml's environment, and how
-    the run was run (devices, runner...) in config.yaml, run.json and the card's config."""
+    what may differ between runs of one output taken out: config.yaml's environment (which
+    holds the placement: devices, runner, batch size...) and the run state's run.json."""
     files = {}
     for path in sorted(out.rglob("*")):
         if not path.is_file():
@@ -212,9 +210,6 @@ def tree(out: Path) -> dict[str, bytes]:
             for key in RUN_FIELDS:
                 record["config"].pop(f"run.{key}", None)
             data = json.dumps(record, sort_keys=True).encode()
-        elif rel == "DATASET_CARD.md":
-            pattern = rb"^\s+(" + "|".join(RUN_FIELDS).encode() + rb"):.*\n"
-            data = re.sub(pattern, b"", data, flags=re.MULTILINE)
         files[rel] = data
     return files
 

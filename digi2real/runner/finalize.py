@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from digi2real import __version__, faults
-from digi2real.config import Config
+from digi2real.config import Config, split_placement
 from digi2real.data import fsio
 from digi2real.data.writers import Sample, get_writer, sample_key
 from digi2real.runner.plan import (
@@ -167,7 +167,7 @@ def finalize(
     assemble_formats(out, config.output.formats, manifest)
     faults.point("finalize-formats")
 
-    effective = config.to_dict()
+    effective, placement = split_placement(config.to_dict())
     effective["source"]["root"] = str(plan.source_root)
     record = {
         "config": effective,
@@ -184,7 +184,7 @@ def finalize(
                 for f in weights_manifest.get("files", [])
             ],
         },
-        "environment": env,
+        "environment": {**env, "placement": placement},
     }
     fsio.atomic_write_bytes(
         out / "config.yaml", yaml.safe_dump(record, sort_keys=True, allow_unicode=True).encode()
