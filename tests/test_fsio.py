@@ -222,3 +222,15 @@ def test_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Path, "unlink", _failing(errno.EROFS))
     with pytest.raises(OutputWriteError, match="output is read-only"):
         fsio.remove(target)
+
+
+def test_temp_names_are_recognised_and_swept(tmp_path):
+    from digi2real.data import fsio
+
+    target = tmp_path / "part.parquet"
+    temp = fsio.temp_name(target)
+    assert fsio.is_temp_name(temp.name) and not fsio.is_temp_name(target.name)
+    temp.write_bytes(b"half")
+    target.write_bytes(b"whole")
+    assert fsio.remove_stale_temps(tmp_path) == 1
+    assert not temp.exists() and target.read_bytes() == b"whole"

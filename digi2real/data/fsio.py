@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
 import unicodedata
 from collections.abc import Iterator
@@ -110,6 +111,26 @@ def temp_name(path: Path) -> Path:
     """A sibling name unique to this attempt: pid for a human reading the folder, random bits
     because pids repeat across machines sharing a file system and across restarts."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+
+
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.tmp$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`temp_name` (a write that was never committed)."""
+    return bool(_TEMP_NAME.match(name))
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete uncommitted temp files directly in ``directory``; only safe when nothing else
+    writes there (a shard's folder at the start of its attempt)."""
+    removed = 0
+    if directory.is_dir():
+        for entry in os.scandir(directory):
+            if entry.is_file(follow_symlinks=False) and is_temp_name(entry.name):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 class AtomicFile:

@@ -155,6 +155,10 @@ def convert(
     if config.weights is None:
         raise ValueError("no weights: pass --weights DIR (see `digi2real weights --help`)")
     weights = open_weights(config.weights)
+    if config.run.runner == "ray":
+        from digi2real.runner.ray import import_ray
+
+        import_ray()  # before planning OUT: a missing Ray should leave nothing behind
     plan: Plan = prepare_out(out, config, derived_fields(config), overwrite=overwrite)
     todo = [s for s in range(len(plan.shards)) if not is_committed(out, s)]
     logger.info("%d shards planned, %d to run", len(plan.shards), len(todo))

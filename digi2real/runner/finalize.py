@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import platform
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,10 +202,6 @@ def finalize(
     return summary
 
 
-# fsio.temp_name: ".<name>.<pid>.<12 hex>.tmp"
-_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.tmp$")
-
-
 def _remove_stale_temps(out: Path) -> None:
     """Temporary files of writes that a killed run never finished (finalisation runs alone;
     images/ is cleaned by :func:`_remove_orphans`, run state needs no cleaning)."""
@@ -214,7 +209,7 @@ def _remove_stale_temps(out: Path) -> None:
         if Path(dirpath) == out:
             dirs[:] = [d for d in dirs if d not in (STATE, "images")]
         for name in files:
-            if _TEMP_NAME.match(name):
+            if fsio.is_temp_name(name):
                 logger.info("removing stale temporary file %s", Path(dirpath, name))
                 (Path(dirpath) / name).unlink()
 

@@ -259,6 +259,9 @@ class ShardRunner:
             result.skipped = True
             return result
         faults.point("shard-start", shard)
+        # leftovers of a killed attempt of this shard (never read; a Ray duplicate attempt
+        # running concurrently would only lose temp files it re-creates on its next write)
+        fsio.remove_stale_temps(final)
         sources, errors = self.embed_sources(shard, identities)
         faults.point("shard-embedded", shard)
         pending: list[Pending] = []
