@@ -74,7 +74,6 @@ class FilterConfig:
     threshold: float = 0.4
     max_attempts: int = 3
     fallback: str = "none"  # none | center_crop (tiny profile only)
-    keep_original: bool = False  # also write the 512x512 original under originals/
 
 
 @dataclass
@@ -82,6 +81,9 @@ class OutputConfig:
     formats: list[str] = field(default_factory=lambda: ["imagefolder"])
     shard_size: int = 64  # identities per shard
     jpeg_quality: int = 95
+    # also keep the generated image at the model's resolution (512x512 with real weights) as
+    # originals/<identity>/<k>.jpg beside the aligned 112x112 training crop
+    keep_original: bool = False
 
 
 @dataclass

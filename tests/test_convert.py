@@ -286,3 +286,18 @@ def test_cli_dry_run_plans_without_generating(tiny_weights, source, tmp_path, ca
     assert code == 0
     assert "identities" in text and "estimated_gpu_hours" in text and "out_writable" in text
     assert not out.exists()
+
+
+def test_keep_original_writes_full_resolution_beside_each_crop(tiny_weights, source, tmp_path):
+    out = tmp_path / "orig"
+    cfg = tiny_config(
+        tiny_weights, source[0], **{"source.identities": "first:1", "output.keep_original": True}
+    )
+    convert(cfg, out, progress=False)
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    originals = sorted(
+        p.relative_to(out / "originals").as_posix() for p in (out / "originals").rglob("*.jpg")
+    )
+    assert originals == sorted(r["path"].removeprefix("images/") for r in rows)
+    with Image.open(out / "originals" / originals[0]) as image:
+        assert image.size == (64, 64)  # the tiny profile's resolution (512 with real weights)

@@ -35,7 +35,7 @@ from digi2real.runner.plan import (
     shard_dir,
     state_dir,
 )
-from digi2real.runner.shard import MANIFEST_SCHEMA, REJECTED_SCHEMA
+from digi2real.runner.shard import MANIFEST_SCHEMA, ORIGINALS, REJECTED_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -217,16 +217,18 @@ def _remove_stale_temps(out: Path) -> None:
 def _remove_orphans(out: Path, paths: set[str]) -> None:
     """Images left by an interrupted attempt whose shard was redone differently (a batch-size
     change can move a borderline similarity across the threshold) have no manifest row."""
-    images = out / "images"
-    if not images.is_dir():
-        return
-    for dirpath, _dirs, files in os.walk(images):
-        for name in files:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(out))
-            if rel not in paths:
-                logger.info("removing orphan image %s", rel)
-                path.unlink()
+    for folder in ("images", ORIGINALS):
+        base = out / folder
+        if not base.is_dir():
+            continue
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                path = Path(dirpath) / name
+                # originals/ mirrors images/: an original's row is its crop's row
+                rel = "images/" + path.relative_to(base).as_posix()
+                if rel not in paths:
+                    logger.info("removing orphan image %s", path.relative_to(out))
+                    path.unlink()
 
 
 def assemble_formats(out: Path, formats: list[str], manifest: pa.Table) -> None:

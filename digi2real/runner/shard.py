@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from digi2real import __version__, faults
 from digi2real.config import Config
 from digi2real.data import fsio
-from digi2real.data.images import ImageError, load_image
+from digi2real.data.images import ImageError, encode_jpeg, load_image
 from digi2real.data.readers import ErrorRow, IdentitySource, apply_min_images
 from digi2real.data.writers import ImageFolderWriter, Sample
 from digi2real.interpolate import Target, image_seed, plan_identity
@@ -30,6 +30,8 @@ from digi2real.runner.engine import GeneratedFace
 from digi2real.runner.plan import error_table, shard_dir, state_dir
 
 logger = logging.getLogger(__name__)
+
+ORIGINALS = "originals"  # optional full-resolution copies, same layout as images/
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -274,9 +276,20 @@ class ShardRunner:
             for target in targets[name]:
                 pending.append(Pending(name, target, [paths[i] for i in target.sources]))
 
+        keep_original = self.config.output.keep_original
+        quality = self.config.output.jpeg_quality
+
         def write_image(done: Accepted) -> None:
             # atomic and deterministic: an uncommitted shard's images are rewritten (or, if
             # no longer accepted, removed at finalisation) when the shard is redone
+            if keep_original:
+                relative = ImageFolderWriter.relative_path(
+                    done.item.identity, done.item.target.index
+                )
+                fsio.atomic_write_bytes(
+                    self.out / ORIGINALS / Path(relative).relative_to("images"),
+                    encode_jpeg(done.face.image, quality=quality),
+                )
             self.image_writer.write(
                 Sample(
                     key="",
