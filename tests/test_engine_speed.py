@@ -175,3 +175,42 @@ def test_accepted_images_are_written_while_the_next_batch_diffuses(
     assert len(writes) == 8 and len(diffusions) == 4
     assert all(name.startswith("postprocess") for kind, name in events if kind == "write")
     assert writes[0] < diffusions[-1]  # the first images land before the last batch diffuses
+
+
+def test_cuda_oom_during_a_conversion_is_reported_and_changes_nothing(
+    tiny_weights, sample_dataset, tmp_path, monkeypatch
+):
+    import pyarrow.parquet as pq
+    import torch
+
+    from digi2real.config import Config
+    from digi2real.runner.convert import convert
+    from digi2real.runner.engine import Engine
+
+    config = Config.preset_named("tiny").override(
+        {
+            "weights": str(tiny_weights.root),
+            "source.root": str(sample_dataset),
+            "source.identities": "first:2",
+            "generation.steps": 2,
+            "generation.batch_size": 4,
+        }
+    )
+    reference = convert(config, tmp_path / "ref", progress=False)
+    assert reference.events == []
+    original = Engine._generate_batch
+
+    def tight_memory(self, targets, seeds):
+        if len(targets) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, targets, seeds)
+
+    monkeypatch.setattr(Engine, "_generate_batch", tight_memory)
+    summary = convert(config, tmp_path / "oom", progress=False)
+    assert any(
+        "CUDA out of memory at batch 4; continuing with batch 2" in e for e in summary.events
+    )
+    assert summary.images == reference.images
+    ref_rows = pq.read_table(tmp_path / "ref" / "manifest.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "oom" / "manifest.parquet").to_pylist()
+    assert [(r["key"], r["seed"]) for r in rows] == [(r["key"], r["seed"]) for r in ref_rows]

@@ -203,4 +203,6 @@ def convert(
         device, resolve_dtype(config.generation.dtype, device), config.generation.compile
     )
     manifest = {"profile": weights.profile, "digest": weights.digest, "files": list(weights.files)}
-    return finalize(out, config, plan, weights_manifest=manifest, env=env)
+    summary = finalize(out, config, plan, weights_manifest=manifest, env=env)
+    summary.events = [f"shard {r.shard}: {e}" for r in outcome.results for e in r.events]
+    return summary

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class Summary:
     rejected: int
     errors: int
     formats: list[str]
+    events: list[str] = field(default_factory=list)  # e.g. CUDA OOM batch halvings
 
     def counts(self) -> dict[str, int]:
         return {
@@ -65,6 +66,7 @@ class Summary:
             f"images:            {self.out / 'images'}",
             f"manifest:          {self.out / 'manifest.parquet'}",
             f"formats:           {', '.join(self.formats)}",
+            *(f"event:             {event}" for event in self.events),
         ]
 
 

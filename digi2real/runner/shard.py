@@ -307,6 +307,9 @@ class ShardRunner:
         )
         faults.point("shard-generated", shard)
         faults.point("shard-images-written", shard)
+        # CUDA OOM batch halvings during this shard, reported by the runner
+        result.events.extend(self.engine.oom_events)
+        self.engine.oom_events.clear()
 
         # each part is written under a temp name unique to this attempt and renamed in; the
         # manifest part goes last and is the commit marker (idempotent: same bytes each time)
