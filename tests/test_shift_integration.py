@@ -180,3 +180,41 @@ def test_conversion_with_shift_records_alpha_and_refuses_other_encoder(
         convert(config.override({"weights": str(other.root)}), tmp_path / "out2", progress=False)
     message = str(info.value)
     assert real.meta["encoder_digest"] in message and other.file_digest("encoder") in message
+
+
+def test_config_yaml_records_what_the_shift_was_made_of(
+    tiny_weights, tmp_path, sample_dataset, stats_pair
+):
+    import yaml
+
+    from digi2real.config import Config
+    from digi2real.runner.convert import convert
+
+    real, synth = stats_pair
+    real.save(tmp_path / "real.stats")
+    synth.save(tmp_path / "synth.stats")
+    config = Config.preset_named("tiny").override(
+        {
+            "weights": str(tiny_weights.root),
+            "source.root": str(sample_dataset),
+            "source.identities": "first:1",
+            "interpolation.outputs_per_identity": 1,
+            "generation.steps": 2,
+            "shift.method": "moment_match",
+            "shift.alpha": 1.0,
+            "shift.positions": "varying",
+            "shift.real_stats": str(tmp_path / "real.stats"),
+            "shift.synthetic_stats": str(tmp_path / "synth.stats"),
+        }
+    )
+    convert(config, tmp_path / "out", progress=False)
+    record = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    described = record["shift"]
+    assert described["method"] == "moment_match" and described["positions"] == "varying"
+    from digi2real.weights import sha256_file
+
+    assert described["real_stats_sha256"] == sha256_file(tmp_path / "real.stats")
+    assert described["synthetic_stats_sha256"] == sha256_file(tmp_path / "synth.stats")
+    assert described["real_count"] == real.count and described["synthetic_count"] == synth.count
+    assert 0 < described["corrected_positions"] < 77  # the shared prefix is left alone
+    assert record["config"]["shift"]["alpha"] == 1.0

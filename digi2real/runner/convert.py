@@ -203,6 +203,18 @@ def convert(
         device, resolve_dtype(config.generation.dtype, device), config.generation.compile
     )
     manifest = {"profile": weights.profile, "digest": weights.digest, "files": list(weights.files)}
-    summary = finalize(out, config, plan, weights_manifest=manifest, env=env)
+    shift = None
+    if config.shift.method != "none" and config.shift.alpha > 0:
+        from digi2real.domain_shift import DomainShift
+
+        shift = DomainShift.from_files(
+            config.shift.method,
+            config.shift.alpha,
+            config.shift.positions,
+            config.shift.real_stats,
+            config.shift.synthetic_stats,
+            weights.file_digest("encoder"),
+        ).describe()
+    summary = finalize(out, config, plan, weights_manifest=manifest, env=env, shift=shift)
     summary.events = [f"shard {r.shard}: {e}" for r in outcome.results for e in r.events]
     return summary

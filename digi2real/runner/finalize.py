@@ -120,6 +120,7 @@ def finalize(
     *,
     weights_manifest: dict[str, Any],
     env: dict[str, Any],
+    shift: dict[str, Any] | None = None,
 ) -> Summary:
     out = Path(out)
     missing = [s for s in range(len(plan.shards)) if not is_committed(out, s)]
@@ -185,6 +186,8 @@ def finalize(
                 for f in weights_manifest.get("files", [])
             ],
         },
+        # what the domain shift was made of (stats checksums, face counts, positions...)
+        "shift": shift,
         "environment": {**env, "placement": placement},
     }
     fsio.atomic_write_bytes(
