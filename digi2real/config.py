@@ -241,37 +241,9 @@ class Config:
         return self
 
 
-# Fields whose change does not change any output byte.
-FREE_FIELDS = frozenset(
-    {
-        "weights",
-        "preset",
-        "source.root",
-        "source.license",
-        "generation.batch_size",
-        "generation.compile",
-        "generation.channels_last",
-        "generation.overlap",
-        "run.device",
-        "run.devices",
-        "run.runner",
-        "run.ray_address",
-        "run.max_shard_retries",
-        "shift.real_stats",
-        "shift.synthetic_stats",
-        "shift.required",
-        "report.recognizer",
-        "report.input_size",
-        "report.color",
-        "report.mean",
-        "report.std",
-    }
-)
-
-
-# How and where a run executed (a subset of FREE_FIELDS): recorded in config.yaml's
-# environment section, not its config, so one conversion run on different runners, devices
-# or batch sizes writes identical files outside that section.
+# How and where a run executed: recorded in config.yaml's environment section, not its
+# config, so one conversion run on different runners, devices or batch sizes writes
+# identical files outside that section.
 PLACEMENT_FIELDS = (
     "generation.batch_size",
     "generation.compile",
@@ -283,6 +255,24 @@ PLACEMENT_FIELDS = (
     "run.ray_address",
     "run.max_shard_retries",
 )
+
+# Fields that may change on an existing output: placement (float rounding of batched kernels
+# aside, no output byte depends on it), paths whose content is checked by digest instead
+# (weights, stats), and what only the report or the card reads.
+FREE_FIELDS = frozenset(PLACEMENT_FIELDS) | {
+    "weights",
+    "preset",
+    "source.root",
+    "source.license",
+    "shift.real_stats",
+    "shift.synthetic_stats",
+    "shift.required",
+    "report.recognizer",
+    "report.input_size",
+    "report.color",
+    "report.mean",
+    "report.std",
+}
 
 
 def split_placement(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,13 +8,24 @@ from digi2real.cli import main
 from digi2real.data.embeddings import load_embeddings
 
 
-def test_embed_writes_unit_rows_with_identities_and_paths(tiny_weights, sample_dataset, tmp_path, capsys):
+def test_embed_writes_unit_rows_with_identities_and_paths(
+    tiny_weights, sample_dataset, tmp_path, capsys
+):
     src = tmp_path / "src"
     shutil.copytree(sample_dataset / "0", src / "alice")
     shutil.copytree(sample_dataset / "1", src / "bob")
     (src / "bob" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "emb.npy"
-    args = ["embed", str(src), "--out", str(out), "--weights", str(tiny_weights.root), "--preset", "tiny"]
+    args = [
+        "embed",
+        str(src),
+        "--out",
+        str(out),
+        "--weights",
+        str(tiny_weights.root),
+        "--preset",
+        "tiny",
+    ]
     assert main(args) == 0
     assert "8 embeddings (1 unusable files)" in capsys.readouterr().out
     data = load_embeddings(out)
