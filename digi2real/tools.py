@@ -17,10 +17,10 @@ from digi2real.config import Config
 from digi2real.data.embeddings import EmbeddingSet, load_embeddings, save_embeddings
 from digi2real.data.images import ImageError, load_image
 from digi2real.data.readers import IMAGE_EXTENSIONS, IdentitySelection, scan_dataset
+from digi2real.sample import digiface_root
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_DIR = Path(__file__).with_name("sample") / "digiface"
 
 
 def _face_stack(config: Config) -> Any:
@@ -342,7 +342,7 @@ def run_demo(out: Path, *, weights: Path | None = None, quiet: bool = False) -> 
     config = Config.preset_named("tiny").override(
         {
             "weights": str(tiny.root),
-            "source.root": str(SAMPLE_DIR),
+            "source.root": str(digiface_root()),
             "source.license": "digi2real bundled sample (Apache-2.0, drawn by scripts/make_sample.py)",
         }
     )
