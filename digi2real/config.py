@@ -275,17 +275,50 @@ FREE_FIELDS = frozenset(PLACEMENT_FIELDS) | {
 }
 
 
-def split_placement(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config without placement fields, the placement fields flattened)."""
+# Paths of the machine that ran the conversion: also recorded under the environment, so
+# config.yaml's config section (and the dataset card rendered from it) holds no host paths.
+HOST_PATH_FIELDS = (
+    "weights",
+    "source.root",
+    "shift.real_stats",
+    "shift.synthetic_stats",
+    "report.recognizer",
+)
+
+
+def split_environment(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(portable config, {"placement": ..., "paths": ...}) from ``Config.to_dict()``; the
+    inverse is :func:`merge_environment`."""
     import copy
 
     data = copy.deepcopy(data)
-    placement = {}
-    for dotted in PLACEMENT_FIELDS:
-        section, leaf = dotted.split(".")
-        if leaf in data.get(section, {}):
-            placement[dotted] = data[section].pop(leaf)
-    return data, placement
+    moved: dict[str, dict[str, Any]] = {"placement": {}, "paths": {}}
+    for group, names in (("placement", PLACEMENT_FIELDS), ("paths", HOST_PATH_FIELDS)):
+        for dotted in names:
+            *sections, leaf = dotted.split(".")
+            node = data
+            for section in sections:
+                node = node.get(section, {})
+            if leaf in node:
+                moved[group][dotted] = node.pop(leaf)
+    return data, moved
+
+
+def merge_environment(record: dict[str, Any]) -> dict[str, Any]:
+    """The full config dict of a config.yaml record (its config plus the placement and paths
+    kept under its environment)."""
+    import copy
+
+    data = copy.deepcopy(record.get("config", {}))
+    environment = record.get("environment") or {}
+    for group in ("placement", "paths"):
+        for dotted, value in (environment.get(group) or {}).items():
+            *sections, leaf = dotted.split(".")
+            node = data
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = value
+    return data
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

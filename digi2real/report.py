@@ -353,8 +353,10 @@ def _read_config(out_dir: Path) -> dict[str, Any]:
         return {}
     with path.open(encoding="utf-8") as handle:
         record = yaml.safe_load(handle) or {}
-    # config.yaml holds the effective config under "config" beside weights/environment
-    return record.get("config", record)
+    from digi2real.config import merge_environment
+
+    # config.yaml keeps host paths (source root...) under its environment section
+    return merge_environment(record) if "config" in record else record
 
 
 def open_dataset(out_dir: str | Path) -> Dataset:

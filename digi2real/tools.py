@@ -22,7 +22,6 @@ from digi2real.sample import digiface_root
 logger = logging.getLogger(__name__)
 
 
-
 def _face_stack(config: Config) -> Any:
     from digi2real.runner.engine import FaceStack
     from digi2real.weights import open_weights

@@ -301,3 +301,19 @@ def test_keep_original_writes_full_resolution_beside_each_crop(tiny_weights, sou
     assert originals == sorted(r["path"].removeprefix("images/") for r in rows)
     with Image.open(out / "originals" / originals[0]) as image:
         assert image.size == (64, 64)  # the tiny profile's resolution (512 with real weights)
+
+
+def test_config_yaml_config_is_portable_and_round_trips(reference, tiny_weights, source):
+    from digi2real.config import merge_environment
+
+    out, _ = reference
+    record = yaml.safe_load((out / "config.yaml").read_text())
+    text = yaml.safe_dump(record["config"])
+    assert str(source[0]) not in text and str(tiny_weights.root) not in text
+    assert "batch_size" not in text and "devices" not in text
+    assert record["environment"]["paths"]["source.root"] == str(source[0])
+    assert record["environment"]["placement"]["generation.batch_size"] == 8
+    rebuilt = Config.from_dict(merge_environment(record))
+    assert rebuilt == tiny_config(tiny_weights, source[0])
+    card = (out / "DATASET_CARD.md").read_text()
+    assert str(source[0]) not in card and str(tiny_weights.root) not in card

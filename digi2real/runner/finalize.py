@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from digi2real import __version__, faults
-from digi2real.config import Config, split_placement
+from digi2real.config import Config, merge_environment, split_environment
 from digi2real.data import fsio
 from digi2real.data.writers import Sample, get_writer, sample_key
 from digi2real.runner.plan import (
@@ -169,12 +169,12 @@ def finalize(
     assemble_formats(out, config.output.formats, manifest)
     faults.point("finalize-formats")
 
-    effective, placement = split_placement(config.to_dict())
-    effective["source"]["root"] = str(plan.source_root)
+    full = config.to_dict()
+    full["source"]["root"] = str(plan.source_root)
+    portable, moved = split_environment(full)
     record = {
-        "config": effective,
+        "config": portable,
         "weights": {
-            "dir": config.weights,
             "profile": weights_manifest.get("profile"),
             "digest": weights_manifest.get("digest"),
             # every file with checksum and licence: the licence chain travels with the data
@@ -188,7 +188,7 @@ def finalize(
         },
         # what the domain shift was made of (stats checksums, face counts, positions...)
         "shift": shift,
-        "environment": {**env, "placement": placement},
+        "environment": {**env, **moved},
     }
     fsio.atomic_write_bytes(
         out / "config.yaml", yaml.safe_dump(record, sort_keys=True, allow_unicode=True).encode()
@@ -296,11 +296,16 @@ def write_card(
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
     weights = record.get("weights", {})
+    # the portable config, plus the source root (the card shows its folder name and reads it
+    # to recognise DigiFace-1M's licence); placement stays out so runners give one card
+    config = json.loads(json.dumps(record["config"]))
+    root = merge_environment(record)["source"].get("root")
+    config["source"]["root"] = root
     return write_dataset_card(
         out,
-        config=record["config"],
+        config=config,
         counts=counts,
         report=report,
         weights_manifest={"profile": weights.get("profile"), "files": weights.get("files", [])},
-        source_license=record["config"]["source"].get("license"),
+        source_license=config["source"].get("license"),
     )
