@@ -213,4 +213,4 @@ class Digi2Real:
         from digi2real.runner.convert import convert
 
         cfg = self.config.override({"source.root": str(src), **overrides})
-        return convert(cfg, out, overwrite=overwrite, progress=progress)
+        return convert(cfg, out, overwrite=overwrite, progress=progress, engine=self.engine)

@@ -71,3 +71,19 @@ def test_real_profile_refuses_centre_crop_fallback(tiny_weights, tmp_path):
     config = Config.preset_named("tiny").override({"weights": str(copy)})
     with pytest.raises(ValueError, match="tiny profile only"):
         Engine(config, open_weights(copy), device="cpu")
+
+
+def test_convert_from_the_api_reuses_the_loaded_models(d2r, sample_dataset, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the API's loaded engine should be reused")
+
+    monkeypatch.setattr("digi2real.runner.local.build_shard_runner", no_second_load)
+    summary = d2r.convert(
+        sample_dataset, tmp_path / "out", progress=False, **{"source.identities": "first:1"}
+    )
+    assert summary.images == pq.read_table(tmp_path / "out" / "manifest.parquet").num_rows > 0
+    # a model-side change cannot reuse it: a fresh engine is built (here: refused by the patch)
+    with pytest.raises(Exception, match="reused"):
+        d2r.convert(sample_dataset, tmp_path / "out2", progress=False, **{"generation.steps": 4})

@@ -143,15 +143,32 @@ def _writable(directory: Path) -> bool:
         return False
 
 
+def engine_matches(built: Config, wanted: Config) -> bool:
+    """Whether an Engine built from ``built`` behaves as one built from ``wanted``."""
+    return (
+        built.weights == wanted.weights
+        and built.generation == wanted.generation
+        and built.filter == wanted.filter
+        and built.shift == wanted.shift
+        and built.output.jpeg_quality == wanted.output.jpeg_quality
+        and built.run.device == wanted.run.device
+    )
+
+
 def convert(
     config: Config,
     out: str | Path,
     *,
     overwrite: bool = False,
     progress: bool = True,
+    engine: Any = None,
 ) -> Summary:
+    """``engine``: a loaded Engine to reuse for an in-process run (the Python API passes its
+    own); used only when it was built from the same model-side settings as ``config``."""
     out = Path(out)
     config.validate()
+    if engine is not None and not engine_matches(engine.config, config):
+        engine = None
     if config.weights is None:
         raise ValueError("no weights: pass --weights DIR (see `digi2real weights --help`)")
     weights = open_weights(config.weights)
@@ -185,7 +202,9 @@ def convert(
         outcome = run_workers(config, out, plan, todo, devices=devices, on_result=tracker)
     elif todo:
         device = devices[0] if devices else config.run.device
-        outcome = run_in_process(config, out, plan, todo, device=device, on_result=tracker)
+        outcome = run_in_process(
+            config, out, plan, todo, device=device, on_result=tracker, engine=engine
+        )
     else:
         outcome = RunOutcome()
     if bar is not None:

@@ -75,8 +75,16 @@ def run_in_process(
     *,
     device: str,
     on_result: Callable[[ShardResult], None] = lambda r: None,
+    engine: Any = None,
 ) -> RunOutcome:
-    runner = build_shard_runner(config, out, plan.source_root, device)
+    """``engine``: an already loaded Engine to use (the Python API's), else one is built."""
+    if engine is not None:
+        from digi2real.runner.shard import ShardRunner
+
+        _set_threads(config.run.torch_threads)
+        runner = ShardRunner(engine, config, out, plan.source_root)
+    else:
+        runner = build_shard_runner(config, out, plan.source_root, device)
     outcome = RunOutcome()
     for shard in shards:
         for attempt in range(config.run.max_shard_retries + 1):
