@@ -1,6 +1,6 @@
 # Two commands for a fresh machine; each creates its own environment (.venv) first.
 #   make demo   - the tiny profile on the bundled sample (CPU, < 2 minutes once installed)
-#   make test   - the test suite (what CI runs)
+#   make test   - the layer contract (lint-imports) and the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.digi2real-installed
@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/digi2real demo --out digi2real-demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from digi2real import __version__
 from digi2real.config import Config
 from digi2real.data.embeddings import check_embeddings, l2_normalize, load_embeddings
-from digi2real.data.images import ImageError, load_image
-from digi2real.data.readers import IMAGE_EXTENSIONS
-from digi2real.interpolate import plan_identity
-from digi2real.runner.shard import Pending, generate_with_retries
+from digi2real.data.readers import IMAGE_EXTENSIONS, image_files
+from digi2real.face.images import embed_images
+from digi2real.pipeline.identity_filter import Pending, generate_with_retries
+from digi2real.pipeline.interpolate import plan_identity
+from digi2real.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,43 @@ class AugmentResult:
     def __len__(self) -> int:
         return len(self.images)
 
+    def save(self, out: str | Path) -> Path:
+        """``out/NNNN.jpg`` (the aligned crops) and ``out/metadata.json`` (their metadata and
+        the rejected targets)."""
+        import json
 
-def _resolve_config(config: Config | str | Path | None, preset: str | None) -> Config:
+        from digi2real.data import fsio
+        from digi2real.data.images import encode_jpeg
+
+        out = Path(out)
+        rows = []
+        for item in self.images:
+            name = f"{item.metadata['index']:04d}.jpg"
+            fsio.atomic_write_bytes(out / name, encode_jpeg(item.image))
+            rows.append({"file": name, **item.metadata})
+        text = json.dumps({"images": rows, "rejected": self.rejected}, indent=2)
+        return fsio.atomic_write_bytes(out / "metadata.json", text.encode("utf-8"))
+
+
+def resolve_config(
+    config: Config | str | Path | None = None,
+    *,
+    preset: str | None = None,
+    weights_dir: str | Path | None = None,
+) -> Config:
+    """The config object, YAML file or preset asked for; with neither, the preset that fits
+    the weights dir's profile (``tiny`` for the tiny profile, ``default`` otherwise)."""
+    from digi2real.weights import DIR_MANIFEST, default_weights_dir, open_weights
+
     if isinstance(config, Config):
         return config
     if config is not None:
         return Config.from_yaml(config)
-    return Config.preset_named(preset or "default")
+    if preset is None:
+        root = Path(weights_dir) if weights_dir is not None else default_weights_dir("real")
+        tiny = (root / DIR_MANIFEST).is_file() and open_weights(root).profile == "tiny"
+        preset = "tiny" if tiny else "default"
+    return Config.preset_named(preset)
 
 
 class Digi2Real:
@@ -81,9 +111,8 @@ class Digi2Real:
         check_environment()
         root = Path(weights_dir) if weights_dir is not None else default_weights_dir("real")
         weights = open_weights(root)
-        if preset is None and config is None:
-            preset = "tiny" if weights.profile == "tiny" else "default"
-        cfg = _resolve_config(config, preset).override({"weights": str(root), **overrides})
+        cfg = resolve_config(config, preset=preset, weights_dir=root)
+        cfg = cfg.override({"weights": str(root), **overrides})
         cfg.validate()
         engine = Engine(cfg, weights, device=device)
         return cls(engine, cfg)
@@ -98,7 +127,7 @@ class Digi2Real:
                 return self._embeddings_array(load_embeddings(path).embeddings, str(path))
             if not path.is_dir():
                 raise FileNotFoundError(f"not a folder of images or a .npy file: {path}")
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = image_files(path, recursive=False)
             if not files:
                 raise ValueError(f"no images in {path} (extensions: {sorted(IMAGE_EXTENSIONS)})")
             return self._embed_images(files)
@@ -129,27 +158,20 @@ class Digi2Real:
         return array, [f"{label}[{i}]" for i in range(len(array))]
 
     def _embed_images(self, items: list[Any]) -> tuple[np.ndarray, list[str]]:
-        crops, labels = [], []
-        for i, item in enumerate(items):
-            name = str(item) if isinstance(item, str | Path) else f"image[{i}]"
-            try:
-                image = load_image(item) if isinstance(item, str | Path) else np.asarray(item)
-            except ImageError as error:
-                logger.warning("skipping %s: %s", name, error.reason)
+        named = [
+            (str(item) if isinstance(item, str | Path) else f"image[{i}]", item)
+            for i, item in enumerate(items)
+        ]
+        embeddings, labels = [], []
+        for outcome in embed_images(self.engine, named):
+            if outcome.embedding is None:
+                logger.warning("skipping %s: %s", outcome.name, outcome.reason)
                 continue
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(
-                    f"{name}: expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}"
-                )
-            crop, why = self.engine.align(image)
-            if crop is None:
-                logger.warning("skipping %s: %s", name, why)
-                continue
-            crops.append(crop)
-            labels.append(name)
-        if not crops:
+            embeddings.append(outcome.embedding)
+            labels.append(outcome.name)
+        if not embeddings:
             raise ValueError("none of the given images has a usable face")
-        return self.engine.embed(np.stack(crops)), labels
+        return np.stack(embeddings), labels
 
     def augment(
         self,

@@ -64,6 +64,11 @@ class ShiftConfig:
     synthetic_stats: str | None = None
     required: bool = False  # the paper preset: refuse to run without statistics
 
+    @property
+    def enabled(self) -> bool:
+        """Whether conditioning is shifted at all (alpha = 0 short-circuits)."""
+        return self.method != "none" and self.alpha > 0
+
 
 @dataclass
 class FilterConfig:
@@ -219,7 +224,7 @@ class Config:
             raise ValueError("interpolation.dirichlet_sources must be >= 2")
         if not math.isfinite(self.shift.alpha) or self.shift.alpha < 0:
             raise ValueError(f"shift.alpha must be a finite number >= 0, got {self.shift.alpha}")
-        if self.shift.method != "none" and self.shift.alpha > 0:
+        if self.shift.enabled:
             missing = [
                 name
                 for name in ("real_stats", "synthetic_stats")
@@ -231,7 +236,7 @@ class Config:
                     "compute them with `digi2real stats real SRC --out real.stats` and "
                     "`digi2real stats synthetic SRC --out synth.stats` (see docs/domain-shift.md)"
                 )
-        if self.shift.required and (self.shift.method == "none" or self.shift.alpha == 0):
+        if self.shift.required and not self.shift.enabled:
             raise ValueError(
                 f"preset {self.preset!r} requires the domain shift (shift.required): set "
                 "shift.real_stats and shift.synthetic_stats (compute them with `digi2real stats "

@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from digi2real.config import Config
-from digi2real.generate import Arc2FaceGenerator, SamplerSettings
-from digi2real.runner.engine import Engine, FaceStack
+from digi2real.face.stack import FaceStack
+from digi2real.pipeline.generate import Arc2FaceGenerator, SamplerSettings
+from digi2real.runner.engine import Engine
 
 logger = logging.getLogger("bench")
 
@@ -236,14 +237,14 @@ def full_random_generator(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from digi2real.conditioning import IdentityEncoder
-    from digi2real.weights import (
+    from digi2real.pipeline.conditioning import IdentityEncoder
+    from digi2real.weights.configs import (
         REAL_ENCODER_CONFIG,
         REAL_UNET_CONFIG,
         REAL_VAE_CONFIG,
         SD15_SCHEDULER_CONFIG,
-        write_clip_tokenizer,
     )
+    from digi2real.weights.tokenizer import write_clip_tokenizer
 
     write_clip_tokenizer(tokenizer_dir)
     with torch.random.fork_rng(devices=[]):
@@ -754,9 +755,9 @@ def onnx_throughput(
 def plan_memory_child(images: int, per_identity: int, shard_size: int) -> dict[str, Any]:
     """Runs in a fresh process: plan ``images`` fake files as the runner does (Plan ->
     plan_table -> plan.parquet bytes -> load_plan) and report the peak RSS."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    from digi2real.data import fsio
+    from digi2real.data.layout import OutLayout
+    from digi2real.data.manifest import error_table, parquet_bytes, write_parquet
     from digi2real.data.readers import IdentitySource
     from digi2real.runner import plan as plan_module
 
@@ -772,16 +773,12 @@ def plan_memory_child(images: int, per_identity: int, shard_size: int) -> dict[s
     plan = plan_module.Plan(root, shards, [])
     built = rss_mb()["rss_mb"]
     table = plan_module.plan_table(plan)
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    data = buffer.getvalue().to_pybytes()
-    del table, buffer, plan, shards, sources
+    data = parquet_bytes(table)
+    del table, plan, shards, sources
     with tempfile.TemporaryDirectory() as tmp:
-        state = plan_module.state_dir(Path(tmp))
-        state.mkdir(parents=True)
-        (state / "plan.parquet").write_bytes(data)
-        (state / "plan_errors.parquet").write_bytes(b"")
-        pq.write_table(plan_module.error_table([]), state / "plan_errors.parquet")
+        paths = OutLayout(tmp)
+        fsio.atomic_write_bytes(paths.plan, data)
+        write_parquet(paths.plan_errors, error_table([]))
         config = Config().override({"source.root": str(root)})
         loaded = plan_module.load_plan(Path(tmp), config)
         assert loaded.num_images == identities * per_identity

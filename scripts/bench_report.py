@@ -1,7 +1,7 @@
 """Benchmark the report's figures at scale: 1M unit 512-d embeddings in 100K identities.
 
 Writes row-aligned outputs/targets ``.npy`` files block by block (never the whole array in
-memory), memory-maps them as the report does, runs ``digi2real.report.compute_figures``
+memory), memory-maps them as the report does, runs ``digi2real.analysis.report.compute_figures``
 (centroids, consistency, nearest other identity, collisions, near duplicates, diversity,
 histograms) and serialises the figures as report.json would be. Prints stage wall times
 and peak RSS (``resource.getrusage``). Target: 2 cores, peak RSS under 4 GB.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digi2real.report import compute_figures
+from digi2real.analysis.report import compute_figures
 
 PLANTED_EVERY = 10_000  # every this many identities, one is a copy of its predecessor
 

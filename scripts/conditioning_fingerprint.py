@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import transformers
 
-from digi2real.conditioning import IdentityEncoder
+from digi2real.pipeline.conditioning import IdentityEncoder
 from digi2real.weights import open_weights
 
 

@@ -79,7 +79,7 @@ def test_convert_from_the_api_reuses_the_loaded_models(d2r, sample_dataset, tmp_
     def no_second_load(*args, **kwargs):
         raise AssertionError("the API's loaded engine should be reused")
 
-    monkeypatch.setattr("digi2real.runner.local.build_shard_runner", no_second_load)
+    monkeypatch.setattr("digi2real.runner.engine.Engine.from_config", no_second_load)
     summary = d2r.convert(
         sample_dataset, tmp_path / "out", progress=False, **{"source.identities": "first:1"}
     )

@@ -8,7 +8,7 @@ import torch
 import transformers
 from helpers import unit_rows
 
-from digi2real.conditioning import IdentityEncoder
+from digi2real.pipeline.conditioning import IdentityEncoder
 
 
 @pytest.fixture(scope="module")

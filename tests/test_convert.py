@@ -158,7 +158,7 @@ def test_second_run_does_no_generation_work(reference, tiny_weights, source, mon
     def no_engine(*args, **kwargs):
         raise AssertionError("a re-run of a finished conversion must not build models")
 
-    monkeypatch.setattr("digi2real.runner.local.build_shard_runner", no_engine)
+    monkeypatch.setattr("digi2real.runner.engine.Engine.from_config", no_engine)
     convert(tiny_config(tiny_weights, source[0]), out, progress=False)
     assert tree(out) == before
 

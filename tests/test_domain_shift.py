@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from digi2real import __version__
-from digi2real.domain_shift import (
+from digi2real.pipeline.domain_shift import (
     DEFAULT_MAX_SAMPLES,
     ConditioningStats,
     DomainShift,

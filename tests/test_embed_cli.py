@@ -36,7 +36,7 @@ def test_embed_writes_unit_rows_with_identities_and_paths(
     # the same images through the conversion's face stack give the same vectors
     from digi2real.config import Config
     from digi2real.data.images import load_image
-    from digi2real.runner.engine import FaceStack
+    from digi2real.face.stack import FaceStack
 
     faces = FaceStack(Config.preset_named("tiny"), tiny_weights, device="cpu")
     crop, _ = faces.align(load_image(src / "alice" / "0.png"))

@@ -141,7 +141,7 @@ def test_accepted_images_are_written_while_the_next_batch_diffuses(
     import threading
 
     from digi2real.config import Config
-    from digi2real.data.writers import ImageFolderWriter
+    from digi2real.data.writers.imagefolder import ImageFolderWriter
     from digi2real.runner.convert import convert
     from digi2real.runner.engine import Engine
 

@@ -137,7 +137,7 @@ def test_unknown_format_and_missing_rec(tmp_path: Path, out_dir: Path) -> None:
     with pytest.raises(ValueError, match="valid choices"):
         open_dataset(out_dir, "lmdb")
     try:
-        import digi2real.data.recordio  # noqa: F401
+        import digi2real.data.writers.recordio  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="recordio"):
             open_dataset(out_dir, "rec")
@@ -294,7 +294,7 @@ def _env() -> dict[str, str]:
 def test_sigkill_after_checkpoint_then_resume(
     out_dir: Path, tmp_path: Path, reference_run: dict
 ) -> None:
-    command = [sys.executable, "-m", "digi2real.evaluate", "train"]
+    command = [sys.executable, "-m", "digi2real", "evaluate", "train"]
     command += _cli(out_dir, tmp_path, "--checkpoint-every", "1")
     process = subprocess.Popen(
         command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -318,7 +318,7 @@ def test_sigkill_after_checkpoint_then_resume(
 
 def test_torchrun_two_processes_gloo(out_dir: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", "-m", "digi2real.evaluate", "train"]
+    command += ["--nproc_per_node", "2", "-m", "digi2real", "evaluate", "train"]
     command += _cli(out_dir, tmp_path, "--epochs", "1")
     done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, timeout=240)
     assert done.returncode == 0, done.stderr.decode()[-3000:]

@@ -23,13 +23,16 @@ from digi2real.face import (
     align_face,
     center_crop_align,
     is_aligned_crop,
-    load_face_config,
     locate_and_align,
     make_session,
-    save_face_config,
 )
 from digi2real.face.embed import preprocess
-from digi2real.face.tiny import export_tiny_detector, export_tiny_recognizer, tiny_face_specs
+from digi2real.weights.face_config import load_face_config, save_face_config
+from digi2real.weights.tiny_face import (
+    export_tiny_detector,
+    export_tiny_recognizer,
+    tiny_face_specs,
+)
 
 TINY_DIM = 16
 TINY_DET_SIZE = 160

@@ -23,8 +23,8 @@ from scale_helpers import (
     work_window,
 )
 
-from digi2real import faults
 from digi2real.data import fsio
+from digi2real.runner import faults
 
 SHARD_POINTS = [p for p in faults.POINTS if p.startswith("shard-")]
 FINAL_POINTS = [p for p in faults.POINTS if p.startswith("finalize-")]

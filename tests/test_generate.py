@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import unit_rows
 
-from digi2real.generate import Arc2FaceGenerator, SamplerSettings
+from digi2real.pipeline.generate import Arc2FaceGenerator, SamplerSettings
 
 FAST = SamplerSettings(steps=4, guidance=3.0)
 

@@ -5,7 +5,13 @@ import pytest
 from helpers import unit_rows
 
 from digi2real.config import InterpolationConfig
-from digi2real.interpolate import image_seed, plan_identity, slerp, split_counts, stable_seed
+from digi2real.pipeline.interpolate import (
+    image_seed,
+    plan_identity,
+    slerp,
+    split_counts,
+    stable_seed,
+)
 
 
 def test_slerp_stays_on_the_sphere_and_hits_endpoints():

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_report import COLLIDING, LEAKING, NAMES, SyntheticOut, make_synthetic_out
 
-from digi2real.prune import identities_to_drop, prune
-from digi2real.report import build_report
+from digi2real.analysis.prune import identities_to_drop, prune
+from digi2real.analysis.report import build_report
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from digi2real.data import fsio
-from digi2real.data.recordio import (
+from digi2real.data.writers import Sample, get_writer, sample_key
+from digi2real.data.writers.recordio import (
     MAGIC,
     MAGIC_BYTES,
     IRHeader,
@@ -25,7 +26,6 @@ from digi2real.data.recordio import (
     read_record,
     unpack,
 )
-from digi2real.data.writers import Sample, get_writer, sample_key
 
 # images per label, in label order: 3 identities, 6 images
 COUNTS = (2, 3, 1)

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from digi2real.card import CARD_NAME, write_dataset_card
+from digi2real.analysis.card import write_dataset_card
+from digi2real.analysis.report import build_report, source_report
 from digi2real.data.embeddings import EmbeddingSet, load_embeddings, save_embeddings
-from digi2real.report import build_report, source_report
+from digi2real.data.layout import CARD as CARD_NAME
 
 DIM = 64
 IMAGES_PER_IDENTITY = 4
@@ -75,6 +76,7 @@ def make_synthetic_out(root: Path, *, seed: int = 0) -> SyntheticOut:
                     "identity": name,
                     "label": label,
                     "path": relative,
+                    "index": k,
                     "attempt": 0,
                     "seed": 1000 * label + k,
                     "interp_kind": "slerp",

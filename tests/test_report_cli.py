@@ -40,7 +40,7 @@ def test_report_html_and_card(converted, capsys):
 
 
 def test_report_with_a_stricter_judge(converted, tmp_path):
-    from digi2real.face.tiny import export_tiny_recognizer
+    from digi2real.weights.tiny_face import export_tiny_recognizer
 
     judge = export_tiny_recognizer(tmp_path / "judge.onnx", dim=24, seed=5)
     assert main(["report", str(converted), "--judge", str(judge), "--html"]) == 0

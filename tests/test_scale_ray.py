@@ -16,9 +16,10 @@ from scale_helpers import (
     reference,
 )
 
-from digi2real import faults
+from digi2real.data.layout import OutLayout
+from digi2real.runner import faults
 from digi2real.runner.convert import convert, derived_fields
-from digi2real.runner.plan import is_committed, prepare_out
+from digi2real.runner.plan import prepare_out
 
 
 def test_without_ray_the_runner_says_how_to_install_it(
@@ -90,7 +91,7 @@ def test_ray_resubmits_failed_shards_a_bounded_number_of_times(
     outcome = run_ray(config, out, plan, [0, 1])
     assert list(outcome.failed) == [1] and "InjectedFault" in outcome.failed[1]
     assert len(outcome.attempts[1]) == 2
-    assert is_committed(out, 0) and not is_committed(out, 1)
+    assert OutLayout(out).is_committed(0) and not OutLayout(out).is_committed(1)
 
     # an actor that dies half-way through writing a shard's images: the shard comes back
     # with no result, is resubmitted to a fresh actor and commits
@@ -99,7 +100,7 @@ def test_ray_resubmits_failed_shards_a_bounded_number_of_times(
     outcome = run_ray(config, out, plan, [1, 2])
     assert outcome.failed == {}
     assert outcome.attempts[2][0] == "lost" and len(outcome.attempts[2]) == 2
-    assert all(is_committed(out, shard) for shard in range(3))
+    assert all(OutLayout(out).is_committed(shard) for shard in range(3))
 
     monkeypatch.delenv(faults.ENV)
     convert(config, out, progress=False)  # finalises only: every shard is committed

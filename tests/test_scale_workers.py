@@ -24,11 +24,12 @@ from scale_helpers import (
     reference,
 )
 
-from digi2real import faults
 from digi2real.data.fsio import OutputWriteError
+from digi2real.data.layout import OutLayout
+from digi2real.runner import faults
 from digi2real.runner.convert import convert, derived_fields
 from digi2real.runner.local import run_workers
-from digi2real.runner.plan import is_committed, prepare_out
+from digi2real.runner.plan import prepare_out
 
 TWO_CPUS = ["cpu", "cpu"]
 
@@ -80,7 +81,7 @@ def test_two_workers_give_the_bytes_of_one_shard_by_shard(setup, expected):
 def test_training_formats_read_back(expected):
     import webdataset as wds
 
-    from digi2real.data.recordio import RecordIODataset
+    from digi2real.data.writers.recordio import RecordIODataset
 
     manifest = pq.read_table(expected / "manifest.parquet").to_pylist()
     with open(expected / "labels.csv", encoding="utf-8", newline="") as handle:
@@ -132,7 +133,11 @@ def test_a_shard_failing_every_time_is_retried_on_other_workers_then_reported(
     tries = outcome.attempts[1]
     assert len(tries) == config.run.max_shard_retries + 1  # bounded
     assert all(a != b for a, b in zip(tries, tries[1:], strict=False)), tries
-    assert [is_committed(out, s) for s in range(3)] == [True, False, True]  # others went on
+    assert [OutLayout(out).is_committed(s) for s in range(3)] == [
+        True,
+        False,
+        True,
+    ]  # others went on
     monkeypatch.delenv(faults.ENV)
     convert(config, out, progress=False)  # a re-run redoes only the failed shard
     assert_same_output(out, expected)
@@ -161,4 +166,4 @@ def test_disk_full_in_a_worker_stops_the_run_with_the_errno(setup, monkeypatch):
         _run_workers(config, out, plan, range(3), devices=["cpu"])
     assert caught.value.errno == errno.ENOSPC
     assert "No space left on device" in str(caught.value)
-    assert is_committed(out, 0) and not is_committed(out, 1)
+    assert OutLayout(out).is_committed(0) and not OutLayout(out).is_committed(1)

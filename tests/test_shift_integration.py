@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from digi2real.cli import main
-from digi2real.conditioning import IdentityEncoder
 from digi2real.data.embeddings import save_embeddings
-from digi2real.domain_shift import DomainShift, compute_stats, embedding_batches, load_stats
+from digi2real.pipeline.conditioning import IdentityEncoder
+from digi2real.pipeline.domain_shift import (
+    DomainShift,
+    compute_stats,
+    embedding_batches,
+    load_stats,
+)
 
 
 def population(center_seed: int, n: int, spread: float = 0.3) -> np.ndarray:

@@ -63,7 +63,7 @@ def test_download_converts_records_and_verifies(fake_hub, tiny_weights, tmp_path
     assert any(k.startswith("text_model.") for k in state)
     assert (root / "face.json").is_file()
     # the downloaded dir loads with the same classes
-    from digi2real.conditioning import IdentityEncoder
+    from digi2real.pipeline.conditioning import IdentityEncoder
 
     assert IdentityEncoder.from_weights(opened, id_dim=16).hidden_size == 32
 

@@ -13,14 +13,14 @@ import webdataset as wds
 from PIL import Image
 
 from digi2real.data import fsio
-from digi2real.data.webdataset import WebDatasetWriter
 from digi2real.data.writers import (
     WRITERS,
-    ImageFolderWriter,
     Sample,
     get_writer,
     sample_key,
 )
+from digi2real.data.writers.imagefolder import ImageFolderWriter
+from digi2real.data.writers.webdataset import WebDatasetWriter
 
 
 def _jpeg(seed: int, size: int = 32) -> bytes:
@@ -72,7 +72,9 @@ def test_registry_and_unknown_name(tmp_path: Path) -> None:
         ImageFolderWriter(tmp_path)  # type: ignore[misc]  # keyword-only
 
 
-@pytest.mark.parametrize("first", ["digi2real.data.webdataset", "digi2real.data.recordio"])
+@pytest.mark.parametrize(
+    "first", ["digi2real.data.writers.webdataset", "digi2real.data.writers.recordio"]
+)
 def test_registry_complete_whatever_is_imported_first(first: str) -> None:
     code = f"import {first}\nfrom digi2real.data.writers import WRITERS\nprint(sorted(WRITERS))"
     out = subprocess.run(

@@ -7,11 +7,14 @@ The rows file ``FILE.rows.parquet`` (optional) holds, row-aligned, ``identity`` 
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from digi2real.data import fsio
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +83,18 @@ def save_embeddings(
     for label, column in (("identities", identities), ("paths", paths)):
         if column is not None and len(column) != n:
             raise ValueError(f"{label} has {len(column)} entries for {n} embeddings")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, embeddings)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings)
+    fsio.atomic_write_bytes(path, buffer.getvalue())
     if identities is not None or paths is not None:
         columns = {}
         if identities is not None:
             columns["identity"] = pa.array(identities, pa.string())
         if paths is not None:
             columns["path"] = pa.array(paths, pa.string())
-        pq.write_table(pa.table(columns), rows_path(path))
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(columns), sink)
+        fsio.atomic_write_bytes(rows_path(path), sink.getvalue().to_pybytes())
     return path
 
 

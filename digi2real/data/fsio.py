@@ -121,14 +121,24 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_NAME.match(name))
 
 
-def remove_stale_temps(directory: Path) -> int:
-    """Delete uncommitted temp files directly in ``directory``; only safe when nothing else
-    writes there (a shard's folder at the start of its attempt)."""
+def remove_stale_temps(
+    directory: str | os.PathLike[str], *, recursive: bool = False, skip: tuple[str, ...] = ()
+) -> int:
+    """Delete uncommitted temp files in ``directory`` (and below it when ``recursive``, except
+    in its top-level folders named in ``skip``); only safe when nothing else writes there (a
+    shard's folder at the start of its attempt, OUT during finalisation)."""
+    directory = Path(directory)
     removed = 0
-    if directory.is_dir():
-        for entry in os.scandir(directory):
-            if entry.is_file(follow_symlinks=False) and is_temp_name(entry.name):
-                os.unlink(entry.path)
+    for dirpath, dirnames, filenames in os.walk(directory):
+        if Path(dirpath) == directory:
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        if not recursive:
+            dirnames[:] = []
+        for name in filenames:
+            path = Path(dirpath) / name
+            if is_temp_name(name) and not path.is_symlink():
+                logger.info("removing stale temporary file %s", path)
+                path.unlink()
                 removed += 1
     return removed
 
@@ -250,6 +260,47 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     with atomic_open(path, fsync=fsync) as handle:
         handle.write(data)
     return Path(path)
+
+
+def is_writable(directory: str | os.PathLike[str]) -> bool:
+    """Whether a file can be created in ``directory`` (tried with a temp name, removed)."""
+    probe = temp_name(Path(directory) / "write-probe")
+    try:
+        os.close(_open_exclusive(probe))
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def copy_file(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], *, link: bool = False
+) -> Path:
+    """``target`` with ``source``'s bytes: a hard link when ``link`` and the file system allows
+    (the same file, no bytes written), else an atomic copy."""
+    target = Path(target)
+    if link:
+        make_dirs(target.parent)
+        try:
+            os.link(source, target)
+            return target
+        except OSError:
+            pass  # another file system, or no hard links there: copy
+    with open(source, "rb") as reader, atomic_open(target) as writer:
+        while chunk := reader.read(1 << 20):
+            writer.write(chunk)
+    return target
+
+
+def publish(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Rename a complete file (on the same file system, e.g. a download staged in the target
+    dir) over ``target``; parent folders are created."""
+    target = Path(target)
+    make_dirs(target.parent)
+    with _translated(target):
+        os.replace(source, target)
+    _fsync_dir(target.parent)
+    return target
 
 
 def safe_component(name: str) -> str:

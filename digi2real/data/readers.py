@@ -559,3 +559,24 @@ def apply_min_images(
                 )
             )
     return kept, rows
+
+
+def image_files(folder: str | Path, *, recursive: bool = True) -> list[Path]:
+    """Every image under ``folder`` (at any depth, e.g. FFHQ's numbered subfolders, unless
+    ``recursive`` is false), hidden entries skipped, sorted."""
+    folder = Path(folder)
+    if not recursive:
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return found

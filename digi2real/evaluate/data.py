@@ -146,14 +146,14 @@ class ImageFolderFaces(_FlipMixin, Dataset):
 
 
 class RecordFaces(_FlipMixin, Dataset):
-    """``OUT/rec/`` (insightface ``train.rec``) through ``digi2real.data.recordio``."""
+    """``OUT/rec/`` (insightface ``train.rec``) through ``digi2real.data.writers.recordio``."""
 
     def __init__(self, rec_dir: str | Path, seed: int = 0, flip: bool = True) -> None:
         try:
-            from digi2real.data.recordio import RecordIODataset
+            from digi2real.data.writers.recordio import RecordIODataset
         except ImportError as error:
             raise ValueError(
-                "data_format 'rec' needs digi2real.data.recordio.RecordIODataset, which is not "
+                "data_format 'rec' needs digi2real.data.writers.recordio.RecordIODataset, which is not "
                 f"importable here ({error}); use data_format 'imagefolder'"
             ) from error
         self.rec_dir = Path(rec_dir)

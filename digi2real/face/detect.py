@@ -3,70 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 from insightface.model_zoo.scrfd import SCRFD
 
 from digi2real.face.session import make_session
+from digi2real.weights.face_config import DetectorSpec
 
 logger = logging.getLogger(__name__)
-
-DETECTOR_KINDS = ("scrfd",)
-FALLBACKS = ("none", "center_crop")
-
-
-def _check_keys(section: str, data: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ValueError(f"unknown {section} keys {unknown}; valid keys: {sorted(allowed)}")
-
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    """How to run the face detector; the ``detector`` section of ``face.json``.
-
-    ``pad_ratio``: each image is zero-padded by this fraction of its own width/height on
-    every side before detection, because SCRFD at 640x640 misses faces that fill a tight
-    aligned crop. ``fallback``: what to do with an unaligned image where no face is found
-    (``"none"``: reject it; ``"center_crop"``: square centre crop, for the tiny profile
-    whose random detector never finds a face).
-    """
-
-    file: str = "scrfd_10g_bnkps.onnx"
-    kind: str = "scrfd"
-    input_size: int = 640
-    score_threshold: float = 0.5
-    nms_threshold: float = 0.4
-    pad_ratio: float = 1.0
-    fallback: str = "none"
-
-    def __post_init__(self) -> None:
-        if self.kind not in DETECTOR_KINDS:
-            raise ValueError(f"detector kind must be one of {DETECTOR_KINDS}, got {self.kind!r}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"detector fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if not isinstance(self.input_size, int) or self.input_size < 32 or self.input_size % 32:
-            raise ValueError(
-                f"detector input_size must be a positive multiple of 32, got {self.input_size!r}"
-            )
-        for name in ("score_threshold", "nms_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"detector {name} must be in [0, 1], got {value!r}")
-        if not self.pad_ratio >= 0.0:
-            raise ValueError(f"detector pad_ratio must be >= 0, got {self.pad_ratio!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DetectorSpec:
-        _check_keys("detector", data, {f.name for f in fields(cls)})
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,61 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
 from digi2real.face.session import make_session
+from digi2real.weights.face_config import RecognizerSpec
 
 logger = logging.getLogger(__name__)
-
-COLORS = ("RGB", "BGR")
-
-
-@dataclass(frozen=True)
-class RecognizerSpec:
-    """Preprocessing of the recognition model; the ``recognizer`` section of ``face.json``.
-
-    ``color`` is the channel order the model expects; ``mean`` and ``std`` are per channel
-    in that order: the network sees ``(pixel - mean) / std``.
-    """
-
-    file: str = "arcface.onnx"
-    input_size: int = 112
-    color: str = "RGB"
-    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
-    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
-
-    def __post_init__(self) -> None:
-        if self.color not in COLORS:
-            raise ValueError(f"recognizer color must be one of {COLORS}, got {self.color!r}")
-        if not isinstance(self.input_size, int) or self.input_size <= 0:
-            raise ValueError(
-                f"recognizer input_size must be a positive int, got {self.input_size!r}"
-            )
-        for name in ("mean", "std"):
-            value = tuple(float(v) for v in getattr(self, name))
-            if len(value) != 3 or not np.isfinite(value).all():
-                raise ValueError(f"recognizer {name} must be 3 finite numbers, got {value!r}")
-            object.__setattr__(self, name, value)
-        if min(self.std) <= 0:
-            raise ValueError(f"recognizer std must be positive, got {self.std!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecognizerSpec:
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"unknown recognizer keys {unknown}; valid keys: {sorted(allowed)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["mean"], data["std"] = list(self.mean), list(self.std)
-        return data
 
 
 def preprocess(aligned: np.ndarray, spec: RecognizerSpec) -> np.ndarray:

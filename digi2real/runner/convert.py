@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -11,9 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
+from digi2real.data import fsio
+from digi2real.data.layout import OutLayout
+from digi2real.device import devices_for, resolve_device, resolve_dtype
+from digi2real.face.stack import FaceStack
+from digi2real.pipeline.domain_shift import DomainShift
 from digi2real.runner.finalize import Summary, environment, finalize
-from digi2real.runner.local import RunOutcome, run_in_process, run_workers
-from digi2real.runner.plan import Plan, is_committed, make_plan, prepare_out
+from digi2real.runner.local import run_in_process, run_workers
+from digi2real.runner.outcome import RunOutcome
+from digi2real.runner.plan import Plan, make_plan, prepare_out
 from digi2real.runner.shard import ShardResult
 from digi2real.weights import open_weights, sha256_file, verify
 
@@ -32,33 +37,11 @@ def derived_fields(config: Config) -> dict[str, Any]:
     """Digests that change the output although their paths may move (weights, stats)."""
     weights = open_weights(config.weights) if config.weights else None
     derived: dict[str, Any] = {"weights_digest": weights.digest if weights else None}
-    if config.shift.method != "none" and config.shift.alpha > 0:
+    if config.shift.enabled:
         for name in ("real_stats", "synthetic_stats"):
             path = getattr(config.shift, name)
             derived[f"shift_{name}_sha256"] = sha256_file(path) if path else None
     return derived
-
-
-def devices_for(config: Config) -> list[str]:
-    import torch
-
-    spec = config.run.devices
-    if spec is None:
-        return []
-    if spec == "all":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise ValueError("--devices all: torch sees no CUDA device")
-        return [f"cuda:{i}" for i in range(count)]
-    if spec.startswith("cpu"):
-        _, _, n = spec.partition("x")
-        return ["cpu"] * int(n or 1)
-    devices = []
-    for part in spec.split(","):
-        if not part.strip().isdigit():
-            raise ValueError(f"bad --devices entry {part!r}; use e.g. 0,1 or all or cpux2")
-        devices.append(f"cuda:{int(part)}")
-    return devices
 
 
 @dataclass
@@ -95,20 +78,16 @@ def preflight(config: Config, out: Path) -> dict[str, Any]:
     """The plan and what a run needs, without generating."""
     import onnxruntime
 
-    from digi2real.runner.engine import resolve_device
-
     plan = make_plan(config)
     targets = plan.num_identities * config.interpolation.outputs_per_identity
     expected_attempts = targets * 1.2
     weights_check = verify(config.weights) if config.weights else None
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
-    writable = _writable(probe)
+    writable = fsio.is_writable(probe)
     device = resolve_device(config.run.device)
     live = "weights not usable"
     if weights_check is not None and weights_check.ok:
-        from digi2real.runner.engine import FaceStack
-
         faces = FaceStack(config, open_weights(config.weights), device=device)
         live = {"detector": faces.detector.providers, "recognizer": faces.embedder.providers}
     return {
@@ -128,19 +107,6 @@ def preflight(config: Config, out: Path) -> dict[str, Any]:
         "free_disk_gb": free / 1e9,
         "out_writable": writable,
     }
-
-
-def _writable(directory: Path) -> bool:
-    probe = (
-        directory
-        / f".digi2real-write-probe-{hashlib.sha1(str(directory).encode()).hexdigest()[:8]}"
-    )
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
 
 
 def engine_matches(built: Config, wanted: Config) -> bool:
@@ -177,7 +143,8 @@ def convert(
 
         import_ray()  # before planning OUT: a missing Ray should leave nothing behind
     plan: Plan = prepare_out(out, config, derived_fields(config), overwrite=overwrite)
-    todo = [s for s in range(len(plan.shards)) if not is_committed(out, s)]
+    paths = OutLayout(out)
+    todo = [s for s in range(len(plan.shards)) if not paths.is_committed(s)]
     logger.info("%d shards planned, %d to run", len(plan.shards), len(todo))
     bar = None
     if progress and todo:
@@ -192,8 +159,8 @@ def convert(
         )
     tracker = Progress({s: len(plan.shards[s]) for s in todo}, bar)
     devices = devices_for(config)
-    from digi2real.runner.engine import resolve_device
-
+    # loaded once: the in-process engine uses it, config.yaml records its description
+    shift = DomainShift.from_config(config.shift, weights.file_digest("encoder"))
     if config.run.runner == "ray":
         from digi2real.runner.ray import run_ray
 
@@ -203,7 +170,7 @@ def convert(
     elif todo:
         device = devices[0] if devices else config.run.device
         outcome = run_in_process(
-            config, out, plan, todo, device=device, on_result=tracker, engine=engine
+            config, out, plan, todo, device=device, on_result=tracker, engine=engine, shift=shift
         )
     else:
         outcome = RunOutcome()
@@ -216,24 +183,11 @@ def convert(
             f"re-run the same command to retry them:\n  {details}"
         )
     device = resolve_device(config.run.device if not devices else "auto")
-    from digi2real.runner.engine import resolve_dtype
-
     env = environment(
         device, resolve_dtype(config.generation.dtype, device), config.generation.compile
     )
     manifest = {"profile": weights.profile, "digest": weights.digest, "files": list(weights.files)}
-    shift = None
-    if config.shift.method != "none" and config.shift.alpha > 0:
-        from digi2real.domain_shift import DomainShift
-
-        shift = DomainShift.from_files(
-            config.shift.method,
-            config.shift.alpha,
-            config.shift.positions,
-            config.shift.real_stats,
-            config.shift.synthetic_stats,
-            weights.file_digest("encoder"),
-        ).describe()
-    summary = finalize(out, config, plan, weights_manifest=manifest, env=env, shift=shift)
+    description = shift.describe() if shift is not None else None
+    summary = finalize(out, config, plan, weights_manifest=manifest, env=env, shift=description)
     summary.events = [f"shard {r.shard}: {e}" for r in outcome.results for e in r.events]
     return summary

@@ -9,55 +9,24 @@ depend on the batch they run in), so the overlapped and the serial path give ide
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from digi2real.config import Config
-from digi2real.data.images import encode_jpeg
-from digi2real.face import (
-    DetectorSpec,
-    FaceDetector,
-    FaceEmbedder,
-    RecognizerSpec,
-    locate_and_align,
-)
-from digi2real.generate import Arc2FaceGenerator, SamplerSettings
+from digi2real.device import resolve_dtype
+from digi2real.face.stack import FaceStack, GeneratedFace
+from digi2real.pipeline.domain_shift import DomainShift
+from digi2real.pipeline.generate import Arc2FaceGenerator, SamplerSettings
 from digi2real.weights import WeightsDir, open_weights
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    # half precision convolutions on CPU are slow or unsupported; CPU runs are float32
-    return "float32" if device == "cpu" else dtype
-
-
-@dataclass
-class GeneratedFace:
-    image: np.ndarray  # generated RGB (resolution x resolution)
-    crop: np.ndarray | None  # aligned 112x112 RGB
-    embedding: np.ndarray | None  # (D,) unit, of the crop
-    jpeg: bytes
-    reason: str = ""
 
 
 @dataclass
@@ -71,58 +40,6 @@ class EngineTimings:
     batches: list[int] = field(default_factory=list)  # batch sizes actually run
 
 
-class FaceStack:
-    """Detector + aligner + recognizer of a weights dir (no diffusion models)."""
-
-    def __init__(self, config: Config, weights: WeightsDir, *, device: str = "auto") -> None:
-        self.config = config
-        self.weights = weights
-        self.device = resolve_device(device if device != "auto" else config.run.device)
-        if config.filter.fallback != "none" and weights.profile != "tiny":
-            raise ValueError(
-                f"filter.fallback={config.filter.fallback!r} is for the tiny profile only: a real "
-                "profile never aligns without a detected face"
-            )
-        face = weights.face
-        if not face:
-            raise FileNotFoundError(
-                f"{weights.root}/face.json missing: rebuild or re-download the weights"
-            )
-        self.recognizer_spec = RecognizerSpec.from_dict(face["recognizer"])
-        detector_spec = DetectorSpec.from_dict(face["detector"])
-        self.detector_spec = dataclasses.replace(detector_spec, fallback=config.filter.fallback)
-        self.detector = FaceDetector(self.detector_spec, weights.root, self.device)
-        self.embedder = FaceEmbedder(self.recognizer_spec, weights.root, self.device)
-        self.id_dim = self.embedder.dim
-
-    def align(self, image: np.ndarray) -> tuple[np.ndarray | None, str]:
-        result = locate_and_align(image, self.detector, self.recognizer_spec.input_size)
-        if result.image is None:
-            return None, "no face detected"
-        return result.image, ""
-
-    def embed(self, crops: np.ndarray) -> np.ndarray:
-        return self.embedder.embed(crops)
-
-    def postprocess(self, images: list[np.ndarray]) -> list[GeneratedFace]:
-        """Detect, align, embed and JPEG-encode generated images; per image, in order."""
-        results: list[GeneratedFace] = []
-        crops: list[np.ndarray] = []
-        for image in images:
-            crop, why = self.align(image)
-            results.append(GeneratedFace(image, crop, None, b"", why))
-            if crop is not None:
-                crops.append(crop)
-        if crops:
-            embeddings = iter(self.embed(np.stack(crops)))
-            quality = self.config.output.jpeg_quality
-            for face in results:
-                if face.crop is not None:
-                    face.embedding = next(embeddings)
-                    face.jpeg = encode_jpeg(face.crop, quality=quality)
-        return results
-
-
 class Engine(FaceStack):
     """A :class:`FaceStack` plus the Arc2Face generator."""
 
@@ -133,23 +50,15 @@ class Engine(FaceStack):
         *,
         device: str = "auto",
         generator: Arc2FaceGenerator | None = None,
+        shift: DomainShift | None = None,
     ) -> None:
         """``generator``: an already built generator (benchmarks build the full-size
-        architecture in memory); by default it is loaded from ``weights``."""
-        from digi2real.domain_shift import DomainShift
-
+        architecture in memory); by default it is loaded from ``weights``. ``shift``: the
+        config's domain shift when the caller has loaded it already."""
         super().__init__(config, weights, device=device)
         self.dtype = resolve_dtype(config.generation.dtype, self.device)
-        shift = None
-        if config.shift.method != "none" and config.shift.alpha > 0:
-            shift = DomainShift.from_files(
-                method=config.shift.method,
-                alpha=config.shift.alpha,
-                positions=config.shift.positions,
-                real_path=Path(config.shift.real_stats),  # type: ignore[arg-type]
-                synthetic_path=Path(config.shift.synthetic_stats),  # type: ignore[arg-type]
-                encoder_digest=weights.file_digest("encoder"),
-            )
+        if shift is None:
+            shift = DomainShift.from_config(config.shift, weights.file_digest("encoder"))
         self.shift = shift
         self.settings = SamplerSettings(
             config.generation.sampler, config.generation.steps, config.generation.guidance
@@ -176,10 +85,12 @@ class Engine(FaceStack):
         self.timings = EngineTimings()
 
     @classmethod
-    def from_config(cls, config: Config, *, device: str = "auto") -> Engine:
+    def from_config(
+        cls, config: Config, *, device: str = "auto", shift: DomainShift | None = None
+    ) -> Engine:
         if config.weights is None:
             raise ValueError("config.weights is not set: pass --weights DIR")
-        return cls(config, open_weights(config.weights), device=device)
+        return cls(config, open_weights(config.weights), device=device, shift=shift)
 
     # -- generation -------------------------------------------------------------------------
 

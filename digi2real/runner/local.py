@@ -9,62 +9,25 @@ shards do not depend on the runner. A shard that raises, or whose worker dies, i
 
 from __future__ import annotations
 
-import errno
 import logging
 import multiprocessing as mp
-import os
 import queue
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
-from digi2real.data.fsio import OutputWriteError
+from digi2real.runner import faults
+from digi2real.runner.outcome import RunOutcome, fatal_error, is_fatal
 from digi2real.runner.plan import Plan
-from digi2real.runner.shard import ShardResult
+from digi2real.runner.shard import ShardResult, ShardRunner
 
 logger = logging.getLogger(__name__)
 
-FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-ENV_PREFIX = "DIGI2REAL_"  # settings every worker sees as the driver does (fault injection)
 # how often an idle worker checks that its driver is still alive
 _POLL_SECONDS = 0.5
-
-
-@dataclass
-class RunOutcome:
-    results: list[ShardResult] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)  # shard -> last error, after retries
-    # shard -> the worker of each attempt, in order (``"in-process"``, ``"worker-1 (cuda:1)"``)
-    attempts: dict[int, list[str]] = field(default_factory=dict)
-
-
-def is_fatal(error: BaseException) -> bool:
-    """Errors no retry can fix: the output cannot take more bytes."""
-    return isinstance(error, OSError) and error.errno in FATAL_ERRNOS
-
-
-def fatal_error(code: int, message: str) -> OutputWriteError:
-    """The driver-side error for a fatal failure reported by a worker or actor."""
-    return OutputWriteError(code, message)
-
-
-def _set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def build_shard_runner(config: Config, out: Path, source_root: Path, device: str) -> Any:
-    """One model copy on ``device`` and the shard function around it."""
-    from digi2real.runner.engine import Engine
-    from digi2real.runner.shard import ShardRunner
-
-    _set_threads(config.run.torch_threads)
-    engine = Engine.from_config(config, device=device)
-    return ShardRunner(engine, config, out, source_root)
 
 
 def run_in_process(
@@ -76,15 +39,11 @@ def run_in_process(
     device: str,
     on_result: Callable[[ShardResult], None] = lambda r: None,
     engine: Any = None,
+    shift: Any = None,
 ) -> RunOutcome:
-    """``engine``: an already loaded Engine to use (the Python API's), else one is built."""
-    if engine is not None:
-        from digi2real.runner.shard import ShardRunner
-
-        _set_threads(config.run.torch_threads)
-        runner = ShardRunner(engine, config, out, plan.source_root)
-    else:
-        runner = build_shard_runner(config, out, plan.source_root, device)
+    """``engine``: an already loaded Engine to use (the Python API's), else one is built
+    (with ``shift``, the domain shift the driver has loaded)."""
+    runner = ShardRunner.build(config, out, plan.source_root, device, engine=engine, shift=shift)
     outcome = RunOutcome()
     for shard in shards:
         for attempt in range(config.run.max_shard_retries + 1):
@@ -120,12 +79,10 @@ def _worker_main(
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # a forkserver child inherits the server's environment, not the driver's
-    for key in [key for key in os.environ if key.startswith(ENV_PREFIX)]:
-        del os.environ[key]
-    os.environ.update(env)
+    faults.adopt_environment(env)
     config = Config.from_dict(config_dict)
     try:
-        runner = build_shard_runner(config, Path(out), Path(source_root), device)
+        runner = ShardRunner.build(config, Path(out), Path(source_root), device)
     except Exception as error:  # noqa: BLE001 - reported to the driver, which decides
         outbox.put(("dead", worker_id, None, f"worker start failed: {error}"))
         return
@@ -233,7 +190,7 @@ def run_workers(
     scheduler = _Scheduler(shards, config, outcome)
     workers: dict[int, _Worker] = {}
     config_dict = config.to_dict()
-    env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIX)}
+    env = faults.worker_environment()
     next_id = 0
     start_failures = 0
 

@@ -37,15 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
-from digi2real.runner.local import (
-    ENV_PREFIX,
-    RunOutcome,
-    build_shard_runner,
-    fatal_error,
-    is_fatal,
-)
+from digi2real.runner import faults
+from digi2real.runner.outcome import RunOutcome, fatal_error, is_fatal
 from digi2real.runner.plan import Plan, load_plan
-from digi2real.runner.shard import ShardResult
+from digi2real.runner.shard import ShardResult, ShardRunner
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +71,7 @@ class ShardActor:
     def __init__(self, config: dict[str, Any], out: str, device: str) -> None:
         self.config = Config.from_dict(config)
         self.plan = load_plan(Path(out), self.config)
-        self.runner = build_shard_runner(self.config, Path(out), self.plan.source_root, device)
+        self.runner = ShardRunner.build(self.config, Path(out), self.plan.source_root, device)
         self.name = f"{socket.gethostname()}:{os.getpid()} ({device})"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -184,7 +179,7 @@ def run_ray(
 
 def _pipeline(ray: Any, config: Config, out: Path, shards: list[int], where: Placement) -> Any:
     """The dataset of ``shards`` mapped by :class:`ShardActor` (lazy: runs when iterated)."""
-    env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIX)}
+    env = faults.worker_environment()
     resources: dict[str, Any] = {"num_gpus": 1} if where.gpu else {"num_cpus": where.cpus_per_actor}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")

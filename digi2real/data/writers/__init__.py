@@ -5,8 +5,9 @@ they are complete (through :mod:`digi2real.data.fsio`); :meth:`Writer.close` wri
 index last. Used as a context manager, an exception discards the files in flight and keeps
 the ones already committed.
 
-Formats: ``imagefolder`` (here), ``webdataset`` (:mod:`digi2real.data.webdataset`) and
-``recordio`` (:mod:`digi2real.data.recordio`), which register themselves in :data:`WRITERS`.
+Formats: ``imagefolder``, ``webdataset`` and ``recordio``, one module each in this package,
+which register themselves in :data:`WRITERS`; :mod:`.assemble` builds the formats that need
+global labels from the committed images.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
-
-from digi2real.data import fsio
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +107,11 @@ class Writer(ABC):
 
 
 WRITERS: dict[str, type[Writer]] = {}
-_BUILTIN_MODULES = ("digi2real.data.webdataset", "digi2real.data.recordio")
+_BUILTIN_MODULES = (
+    "digi2real.data.writers.imagefolder",
+    "digi2real.data.writers.webdataset",
+    "digi2real.data.writers.recordio",
+)
 
 W = TypeVar("W", bound=type[Writer])
 
@@ -135,40 +138,6 @@ def get_writer(name: str, out_dir: str | Path, **kwargs: Any) -> Writer:
             f"unknown output format {name!r}; valid choices: {sorted(WRITERS)}"
         ) from None
     return cls(out_dir=out_dir, **kwargs)
-
-
-@register_writer("imagefolder")
-class ImageFolderWriter(Writer):
-    """``out_dir/images/<identity>/<index:04d>.jpg``, one atomic file per sample.
-
-    Identity names become folder names verbatim (NFC-normalised); a name that is not a
-    usable path component is a ValueError rather than a silently renamed class.
-    """
-
-    def __init__(self, *, out_dir: str | Path, fsync: bool = True) -> None:
-        super().__init__(out_dir=out_dir)
-        self.fsync = fsync
-        self.count = 0
-
-    @staticmethod
-    def relative_path(identity: str, index: int) -> str:
-        """The image's path relative to ``out_dir`` (POSIX separators, as in the manifest)."""
-        if index < 0:
-            raise ValueError(f"image index must be >= 0, got {index}")
-        return f"images/{fsio.safe_component(identity)}/{index:04d}.jpg"
-
-    def path_for(self, identity: str, index: int) -> Path:
-        return fsio.safe_join(self.out_dir, *self.relative_path(identity, index).split("/"))
-
-    def write(self, sample: Sample) -> None:
-        self._check_open()
-        fsio.atomic_write_bytes(
-            self.path_for(sample.identity, sample.index), sample.data, fsync=self.fsync
-        )
-        self.count += 1
-
-    def _close(self) -> None:
-        """Nothing pending: each image was committed as it was written."""
 
 
 def _load_builtin_writers() -> None:

@@ -20,6 +20,7 @@ import os
 import signal
 
 ENV = "DIGI2REAL_FAULT"
+ENV_PREFIX = "DIGI2REAL_"  # settings every worker sees as the driver does
 ONCE_ENV = "DIGI2REAL_FAULT_ONCE"
 KINDS = ("kill", "exit", "raise", "enospc", "erofs")
 EXIT_CODE = 70
@@ -67,3 +68,16 @@ def point(name: str, shard: int | None = None) -> None:
     else:
         code = errno.ENOSPC if kind == "enospc" else errno.EROFS
         raise OSError(code, f"injected {os.strerror(code)} at {name} (shard {shard})")
+
+
+def worker_environment() -> dict[str, str]:
+    """The driver's ``DIGI2REAL_*`` settings, for its workers and actors."""
+    return {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIX)}
+
+
+def adopt_environment(env: dict[str, str]) -> None:
+    """Make this worker's ``DIGI2REAL_*`` settings the driver's (a forkserver child inherits
+    the server's environment, not the driver's)."""
+    for key in [key for key in os.environ if key.startswith(ENV_PREFIX)]:
+        del os.environ[key]
+    os.environ.update(env)

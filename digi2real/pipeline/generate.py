@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from digi2real.conditioning import IdentityEncoder
+from digi2real.pipeline.conditioning import IdentityEncoder
 
 if TYPE_CHECKING:
-    from digi2real.domain_shift import DomainShift
+    from digi2real.pipeline.domain_shift import DomainShift
     from digi2real.weights import WeightsDir
 
 logger = logging.getLogger(__name__)

@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from digi2real import filter as idfilter
+from digi2real.analysis import metrics
+from digi2real.config import Config
 from digi2real.data.embeddings import EmbeddingSet, load_embeddings
+from digi2real.data.layout import OutLayout
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def compute_figures(
     keys: Sequence[str] | None = None,
     collision_threshold: float = DEFAULT_COLLISION_THRESHOLD,
     duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
-    block: int = idfilter.DEFAULT_BLOCK,
+    block: int = metrics.DEFAULT_BLOCK,
 ) -> Figures:
     """Consistency, separation, diversity and histogram figures from the embedding arrays.
 
@@ -128,32 +130,30 @@ def compute_figures(
     """
     collision_threshold = _check_threshold("collision_threshold", collision_threshold)
     duplicate_threshold = _check_threshold("duplicate_threshold", duplicate_threshold)
-    outputs = idfilter.check_float32(outputs, "outputs")
-    targets = idfilter.check_float32(targets, "targets")
+    outputs = metrics.check_float32(outputs, "outputs")
+    targets = metrics.check_float32(targets, "targets")
     if outputs.shape != targets.shape:
         raise ValueError(f"outputs {outputs.shape} and targets {targets.shape} are not row-aligned")
-    codes = idfilter.check_labels(codes, outputs.shape[0], "codes")
+    codes = metrics.check_labels(codes, outputs.shape[0], "codes")
     num_identities = len(identities)
     labels = list(range(num_identities)) if labels is None else [int(v) for v in labels]
     if len(labels) != num_identities:
         raise ValueError(f"{len(labels)} labels for {num_identities} identities")
 
-    sums, counts = idfilter.identity_sums(
-        outputs, codes, num_identities=num_identities, block=block
-    )
-    centroids = idfilter.centroids_from_sums(sums, counts)
-    diversity = idfilter.mean_pairwise_distance(sums, counts)
+    sums, counts = metrics.identity_sums(outputs, codes, num_identities=num_identities, block=block)
+    centroids = metrics.centroids_from_sums(sums, counts)
+    diversity = metrics.mean_pairwise_distance(sums, counts)
     del sums
     logger.info("centroids of %d identities over %d images", num_identities, outputs.shape[0])
-    intra = idfilter.row_to_centroid(outputs, codes, centroids, block=block)
-    to_target = idfilter.rowwise_cosine(outputs, targets, block=block)
+    intra = metrics.row_to_centroid(outputs, codes, centroids, block=block)
+    to_target = metrics.rowwise_cosine(outputs, targets, block=block)
 
-    nearest_scores, nearest_index = idfilter.nearest_other(centroids, k=1)
+    nearest_scores, nearest_index = metrics.nearest_other(centroids, k=1)
     nearest_scores, nearest_index = nearest_scores[:, 0], nearest_index[:, 0]
-    collisions = idfilter.collision_pairs(
+    collisions = metrics.collision_pairs(
         centroids, collision_threshold, nearest_scores=nearest_scores
     )
-    duplicates = idfilter.near_duplicates(outputs, codes, duplicate_threshold, block=block)
+    duplicates = metrics.near_duplicates(outputs, codes, duplicate_threshold, block=block)
     logger.info("%d collision pair(s), %d near duplicate(s)", len(collisions), len(duplicates))
 
     order = np.argsort(codes, kind="stable")
@@ -247,7 +247,7 @@ def leakage_figures(
     keys: Sequence[str] | None = None,
     centroids: np.ndarray | None = None,
     gallery_name: str | None = None,
-    block: int = idfilter.DEFAULT_BLOCK,
+    block: int = metrics.DEFAULT_BLOCK,
 ) -> dict[str, Any]:
     threshold = _check_threshold("leak_threshold", threshold)
     labels = list(range(len(identities))) if labels is None else list(labels)
@@ -255,11 +255,11 @@ def leakage_figures(
         gallery_codes = None
         gallery_names = [f"row {row}" for row in range(gallery.embeddings.shape[0])]
     else:
-        gallery_codes, gallery_names = idfilter.encode_labels(gallery.identities)
-    leaks = idfilter.leakage(
+        gallery_codes, gallery_names = metrics.encode_labels(gallery.identities)
+    leaks = metrics.leakage(
         outputs,
         codes,
-        idfilter.check_float32(gallery.embeddings, "gallery embeddings"),
+        metrics.check_float32(gallery.embeddings, "gallery embeddings"),
         gallery_codes,
         threshold,
         gen_centroids=centroids,
@@ -295,7 +295,7 @@ def source_report(
     identities: Sequence[str],
     threshold: float = DEFAULT_COLLISION_THRESHOLD,
     *,
-    block: int = idfilter.DEFAULT_BLOCK,
+    block: int = metrics.DEFAULT_BLOCK,
 ) -> dict[str, Any]:
     """Separation check on a SOURCE dataset's embeddings (one identity name per row).
 
@@ -303,16 +303,16 @@ def source_report(
     two labels of one face.
     """
     threshold = _check_threshold("threshold", threshold)
-    embeddings = idfilter.check_float32(embeddings)
+    embeddings = metrics.check_float32(embeddings)
     if len(identities) != embeddings.shape[0]:
         raise ValueError(f"{len(identities)} identity names for {embeddings.shape[0]} embeddings")
-    codes, names = idfilter.encode_labels(identities)
-    centroids, counts = idfilter.identity_centroids(
+    codes, names = metrics.encode_labels(identities)
+    centroids, counts = metrics.identity_centroids(
         embeddings, codes, num_identities=len(names), block=block
     )
-    intra = idfilter.row_to_centroid(embeddings, codes, centroids, block=block)
-    nearest_scores, nearest_index = idfilter.nearest_other(centroids, k=1)
-    pairs = idfilter.collision_pairs(centroids, threshold, nearest_scores=nearest_scores)
+    intra = metrics.row_to_centroid(embeddings, codes, centroids, block=block)
+    nearest_scores, nearest_index = metrics.nearest_other(centroids, k=1)
+    pairs = metrics.collision_pairs(centroids, threshold, nearest_scores=nearest_scores)
     return {
         "images": int(embeddings.shape[0]),
         "identities": len(names),
@@ -392,7 +392,7 @@ def open_dataset(out_dir: str | Path) -> Dataset:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the report needs the run's embeddings")
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-        idfilter.check_float32(array, str(path))
+        metrics.check_float32(array, str(path))
         if array.shape[0] != table.num_rows:
             raise ValueError(f"{path} has {array.shape[0]} rows for {table.num_rows} manifest rows")
         arrays.append(array)
@@ -789,7 +789,7 @@ def build_report(
     duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
     contact_identities: int = 32,
     identities_per_sheet: int = 8,
-    block: int = idfilter.DEFAULT_BLOCK,
+    block: int = metrics.DEFAULT_BLOCK,
     judge: Callable[[Sequence[Path]], np.ndarray] | None = None,
     judge_name: str | None = None,
 ) -> dict[str, Any]:
@@ -831,7 +831,7 @@ def build_report(
     )
     report = figures.figures
     if judge is not None:
-        to_target = idfilter.rowwise_cosine(generation_outputs, dataset.targets, block=block)
+        to_target = metrics.rowwise_cosine(generation_outputs, dataset.targets, block=block)
         report["consistency"]["image_to_target"] = distribution(to_target)
         for key in ("identity_mean_to_target", "identity_min_to_target"):
             report["consistency"][key] = None
@@ -895,3 +895,133 @@ def load_report(out_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `digi2real report {out_dir}` first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def gallery_embedder(config: Config) -> GalleryEmbedder:
+    """Embeds a folder of real faces with the weights' recognizer: identity folders, or one
+    identity per image in a flat folder."""
+
+    def embed(folder: Path) -> EmbeddingSet:
+        from digi2real.face.images import embed_dataset
+        from digi2real.face.stack import FaceStack
+
+        embedded, _errors = embed_dataset(FaceStack.from_config(config), folder, flat=True)
+        return embedded
+
+    return embed
+
+
+def judge_embedder(config: Config) -> Callable[[Sequence[Path]], np.ndarray] | None:
+    """The report's stricter recognizer (``report.recognizer`` in the config), or None."""
+    from digi2real.data.images import load_image
+    from digi2real.face import FaceEmbedder, RecognizerSpec
+
+    section = config.report
+    if section.recognizer is None:
+        return None
+    path = Path(section.recognizer)
+    spec = RecognizerSpec(
+        file=path.name,
+        input_size=section.input_size,
+        color=section.color,
+        mean=tuple(section.mean),
+        std=tuple(section.std),
+    )
+    embedder = FaceEmbedder(
+        spec, path, device=config.run.device if config.run.device != "auto" else "cpu"
+    )
+
+    def embed(paths: Sequence[Path]) -> np.ndarray:
+        crops = []
+        for image_path in paths:
+            image = load_image(image_path)
+            if image.shape[:2] != (section.input_size, section.input_size):
+                from PIL import Image
+
+                image = np.asarray(
+                    Image.fromarray(image).resize((section.input_size,) * 2, Image.BICUBIC)
+                )
+            crops.append(image)
+        return embedder.embed(np.stack(crops))
+
+    return embed
+
+
+def run_report(
+    out: Path | None,
+    *,
+    gallery: Path | None,
+    html: bool,
+    source: Path | None,
+    config: Config | None,
+    thresholds: dict[str, float] | None = None,
+    embed_images: bool = False,
+) -> str:
+    """``digi2real report``: a converted dataset's report (and a refreshed dataset card), or
+    with ``source`` the separation check of a source dataset before any GPU time."""
+    from digi2real.analysis.card import write_card
+
+    thresholds = {k: v for k, v in (thresholds or {}).items() if v is not None}
+    if source is not None:
+        if source.suffix == ".npy":
+            data = load_embeddings(source, mmap=True)
+        else:
+            if config is None or config.weights is None:
+                raise ValueError("report --source on images needs weights (--weights DIR)")
+            data = gallery_embedder(config)(source)
+        if data.identities is None:
+            raise ValueError(f"{source}: identities unknown (no rows file beside it)")
+        threshold = thresholds.get("collision_threshold", DEFAULT_COLLISION_THRESHOLD)
+        result = source_report(np.asarray(data.embeddings), data.identities, threshold)
+        return _format_source(result, threshold)
+    if out is None:
+        raise ValueError("report needs a converted dataset OUT (or --source SRC)")
+    embedder = (
+        gallery_embedder(config)
+        if (gallery is not None and config is not None and config.weights)
+        else None
+    )
+    judge = judge_embedder(config) if config is not None else None
+    result = build_report(
+        out,
+        gallery=gallery,
+        gallery_embedder=embedder,
+        html=html,
+        embed_images=embed_images,
+        judge=judge,
+        judge_name=config.report.recognizer if config is not None and judge else None,
+        **thresholds,
+    )
+    write_card(out)
+    return _format_report(result, Path(out))
+
+
+def _format_source(result: dict[str, Any], threshold: float) -> str:
+    lines = [
+        f"source identities: {result['identities']}, images: {result['images']}",
+        f"near-duplicate identity pairs (centroid cosine >= {threshold}): {result['num_collisions']}",
+    ]
+    lines += [f"  {c['a']} ~ {c['b']}: {c['score']}" for c in result["collisions"][:20]]
+    if result["num_collisions"]:
+        lines.append("these would be label noise after conversion: drop or merge them first")
+    return "\n".join(lines)
+
+
+def _format_report(result: dict[str, Any], out: Path) -> str:
+    counts = result["counts"]
+    consistency = result["consistency"]["image_to_target"]
+    separation = result["separation"]
+    leakage = result.get("leakage")
+    lines = [
+        f"images: {counts['images']} in {counts['identities']} identities",
+        f"image-to-target cosine: mean {consistency.get('mean')}, min {consistency.get('min')}",
+        f"identity collisions: {separation['num_collisions']}",
+    ]
+    lines += [f"  {c['a']} ~ {c['b']}: {c['score']}" for c in separation["collisions"][:10]]
+    if leakage is not None:
+        lines.append(f"leaks against the gallery: {len(leakage['leaks'])}")
+    lines.append(f"report: {OutLayout(out).report}")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ import logging
 import tarfile
 from pathlib import Path
 
-from digi2real.data import fsio
+from digi2real.data import fsio, layout
 from digi2real.data.writers import Sample, Writer, register_writer
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ MEMBER_MODE = 0o644
 def shard_name(shard: int) -> str:
     if shard < 0:
         raise ValueError(f"shard number must be >= 0, got {shard}")
-    return f"shard-{shard:06d}.tar"
+    return layout.webdataset_shard_name(shard)
 
 
 def _member(name: str, data: bytes) -> tarfile.TarInfo:
@@ -52,7 +52,7 @@ class WebDatasetWriter(Writer):
 
     def __init__(self, *, out_dir: str | Path, fsync: bool = True) -> None:
         super().__init__(out_dir=out_dir)
-        self.wds_dir = self.out_dir / "wds"
+        self.wds_dir = self.out_dir / layout.WEBDATASET
         self.fsync = fsync
         self.written: list[Path] = []
         self._done: set[int] = set()

@@ -21,7 +21,7 @@ import torch
 from digi2real.data.embeddings import check_embeddings
 
 if TYPE_CHECKING:
-    from digi2real.domain_shift import DomainShift
+    from digi2real.pipeline.domain_shift import DomainShift
     from digi2real.weights import WeightsDir
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ ID_TOKEN = "id"
 class IdentityEncoder:
     """Batched ``(N, d)`` unit ArcFace vectors -> ``(N, 77, D)`` conditioning.
 
-    ``shift`` (a :class:`~digi2real.domain_shift.DomainShift`) is applied to the identity
+    ``shift`` (a :class:`~digi2real.pipeline.domain_shift.DomainShift`) is applied to the identity
     conditioning only; :meth:`encode_empty` (the classifier-free-guidance branch) never is.
     """
 

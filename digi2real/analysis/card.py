@@ -15,9 +15,12 @@ from typing import Any
 
 import yaml
 
+from digi2real.config import merge_environment
+from digi2real.data import fsio
+from digi2real.data.layout import OutLayout
+
 logger = logging.getLogger(__name__)
 
-CARD_NAME = "DATASET_CARD.md"
 DIGIFACE_LICENSE = "DigiFace-1M Research Use of Data Agreement (non-commercial research use only)"
 DIGIFACE_URL = "https://github.com/microsoft/DigiFace1M/blob/main/LICENSE"
 # Words that mark a licence text as non-commercial when no explicit flag is given.
@@ -244,9 +247,45 @@ def write_dataset_card(
         weights_manifest=weights_manifest,
         source_license=source_license,
     )
-    path = out_dir / CARD_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    path = fsio.atomic_write_bytes(OutLayout(out_dir).card, text.encode("utf-8"))
     logger.info("dataset card written to %s", path)
     return path
+
+
+def write_card(
+    out: str | Path, record: dict[str, Any] | None = None, *, counts: dict[str, int] | None = None
+) -> Path:
+    """(Re)write ``OUT/DATASET_CARD.md`` from config.yaml (or ``record``), the counts and,
+    when a report has been made, its headline figures. Finalisation, ``report`` and ``prune``
+    call it."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    paths = OutLayout(out)
+    if record is None:
+        record = yaml.safe_load(paths.config.read_text(encoding="utf-8"))
+    if counts is None:
+        manifest = pq.read_table(paths.manifest, columns=["identity"])
+        counts = {
+            "identities": len(set(manifest.column("identity").to_pylist())),
+            "images": manifest.num_rows,
+            "rejected": pq.ParquetFile(paths.rejected).metadata.num_rows,
+            "errors": pq.ParquetFile(paths.errors).metadata.num_rows,
+        }
+    report = None
+    if paths.report_json.is_file():
+        report = json.loads(paths.report_json.read_text(encoding="utf-8"))
+    weights = record.get("weights", {})
+    # the portable config, plus the source root (the card shows its folder name and reads it
+    # to recognise DigiFace-1M's licence); placement stays out so runners give one card
+    config = json.loads(json.dumps(record["config"]))
+    config["source"]["root"] = merge_environment(record)["source"].get("root")
+    return write_dataset_card(
+        paths.root,
+        config=config,
+        counts=counts,
+        report=report,
+        weights_manifest={"profile": weights.get("profile"), "files": weights.get("files", [])},
+        source_license=config["source"].get("license"),
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +18,8 @@ import onnx
 import torch
 from torch import nn
 
-from digi2real.face.detect import DetectorSpec
-from digi2real.face.embed import RecognizerSpec
+from digi2real.data import fsio
+from digi2real.weights.face_config import DetectorSpec, RecognizerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +108,6 @@ def _export(
     output_names: list[str],
     dynamic_shapes: dict[str, dict[int, object]] | None,
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     # The exporter prints progress to stdout and logs/warns about its own internals
     # (e.g. torchvision ops it skips); none of it concerns our model.
@@ -146,9 +144,7 @@ def _export(
     for node in model.graph.node:
         del node.metadata_props[:]
     onnx.checker.check_model(model)
-    partial = path.with_name(path.name + ".partial")
-    onnx.save_model(model, str(partial))
-    os.replace(partial, path)
+    fsio.atomic_write_bytes(path, model.SerializeToString())
     logger.debug("exported %s (%d bytes)", path, path.stat().st_size)
 
 

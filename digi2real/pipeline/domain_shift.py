@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from digi2real.config import ShiftConfig
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "digi2real.conditioning_stats"
@@ -51,7 +53,7 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 def _package_version() -> str:
     # Imported late: the package's __init__ may import this module.
-    from digi2real import __version__
+    from digi2real.version import __version__
 
     return __version__
 
@@ -665,6 +667,22 @@ class DomainShift:
         )
         return cls(method, alpha, positions, real, synthetic, tolerance=tolerance)
 
+    @classmethod
+    def from_config(cls, shift: ShiftConfig, encoder_digest: str) -> DomainShift | None:
+        """The shift a config's ``shift`` section asks for, or None when it is off."""
+        if not shift.enabled:
+            return None
+        if shift.real_stats is None or shift.synthetic_stats is None:
+            raise ValueError("shift.real_stats and shift.synthetic_stats must both be set")
+        return cls.from_files(
+            shift.method,
+            shift.alpha,
+            shift.positions,
+            shift.real_stats,
+            shift.synthetic_stats,
+            encoder_digest,
+        )
+
     @property
     def position_mask(self) -> np.ndarray:
         """(T,) bool: positions this shift changes."""
@@ -1009,3 +1027,28 @@ __all__ = [
     "merge_stats",
     "varying_positions",
 ]
+
+
+def compare_files(
+    real: str | Path,
+    synthetic: str | Path,
+    *,
+    method: str,
+    alpha: float,
+    positions: str,
+    png: str | Path | None,
+) -> str:
+    """``digi2real stats compare``: the gap before and after the correction, as text (and a
+    plot in ``png``)."""
+    real_stats = load_stats(real, expected_kind="real")
+    synth_stats = load_stats(
+        synthetic,
+        expected_kind="synthetic",
+        expected_encoder_digest=real_stats.meta["encoder_digest"],
+    )
+    shift = DomainShift(method, alpha, positions, real_stats, synth_stats)
+    result = compare(real_stats, synth_stats, shift=shift, out_png=png)
+    text = format_compare(result)
+    if png is not None:
+        text += f"\nplot: {png}"
+    return text

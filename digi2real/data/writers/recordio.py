@@ -40,7 +40,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from digi2real.data import fsio
+from digi2real.data import fsio, layout
 from digi2real.data.writers import Sample, Writer, register_writer
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ MAX_LENGTH = (1 << 29) - 1
 IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)
 FLOAT32_EXACT = 1 << 24
-REC_NAME, IDX_NAME, PROPERTY_NAME = "train.rec", "train.idx", "property"
 
 
 class IRHeader(NamedTuple):
@@ -190,7 +189,7 @@ class RecordIOWriter(Writer):
         fsync: bool = True,
     ) -> None:
         super().__init__(out_dir=out_dir)
-        self.rec_dir = self.out_dir / "rec"
+        self.rec_dir = self.out_dir / layout.RECORDIO
         self.image_size: tuple[int, int] | None = None
         if image_size is not None:
             self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -205,7 +204,7 @@ class RecordIOWriter(Writer):
 
     def _open_rec(self) -> fsio.AtomicFile:
         if self._rec is None:
-            self._rec = fsio.AtomicFile(self.rec_dir / REC_NAME, fsync=self.fsync)
+            self._rec = fsio.AtomicFile(self.rec_dir / layout.RECORDIO_DATA, fsync=self.fsync)
             self._pending.append(self._rec)
             # record 0 needs counts known only at the end: reserve its fixed-size slot
             self._rec.write(b"\0" * self.HEADER_SLOT)
@@ -273,7 +272,7 @@ class RecordIOWriter(Writer):
         rec.seek(0)
         rec.write(header)
 
-        index_file = fsio.AtomicFile(self.rec_dir / IDX_NAME, fsync=self.fsync)
+        index_file = fsio.AtomicFile(self.rec_dir / layout.RECORDIO_INDEX, fsync=self.fsync)
         self._pending.append(index_file)
         lines: list[str] = []
         for index, offset in enumerate(self._offsets):
@@ -283,14 +282,14 @@ class RecordIOWriter(Writer):
                 lines.clear()
         index_file.write("".join(lines).encode("ascii"))
         height, width = self.image_size
-        prop = fsio.AtomicFile(self.rec_dir / PROPERTY_NAME, fsync=self.fsync)
+        prop = fsio.AtomicFile(self.rec_dir / layout.RECORDIO_PROPERTY, fsync=self.fsync)
         self._pending.append(prop)
         prop.write(f"{num_classes},{height},{width}\n".encode("ascii"))
         for handle in self._pending:
             handle.sync()
         # an old idx beside the new rec would look complete and be wrong: drop it first;
         # then publish the rec, its idx, and property last
-        for name in (PROPERTY_NAME, IDX_NAME):
+        for name in (layout.RECORDIO_PROPERTY, layout.RECORDIO_INDEX):
             fsio.remove(self.rec_dir / name)
         for handle in (rec, index_file, prop):
             handle.commit()
@@ -318,12 +317,12 @@ class RecordIODataset(torch.utils.data.Dataset):
         self, rec_dir: str | Path, transform: Callable[[np.ndarray], Any] | None = None
     ) -> None:
         self.rec_dir = Path(rec_dir)
-        self.rec_path = self.rec_dir / REC_NAME
-        for path in (self.rec_path, self.rec_dir / IDX_NAME):
+        self.rec_path = self.rec_dir / layout.RECORDIO_DATA
+        for path in (self.rec_path, self.rec_dir / layout.RECORDIO_INDEX):
             if not path.is_file():
                 raise FileNotFoundError(f"RecordIO file not found: {path}")
         self.transform = transform
-        self.offsets = read_index(self.rec_dir / IDX_NAME)
+        self.offsets = read_index(self.rec_dir / layout.RECORDIO_INDEX)
         self._file: BinaryIO | None = None
         self._pid: int | None = None
         header, _ = unpack(self.read(0))
@@ -340,7 +339,7 @@ class RecordIODataset(torch.utils.data.Dataset):
         self.close()
 
     def _property_classes(self) -> int | None:
-        prop = self.rec_dir / PROPERTY_NAME
+        prop = self.rec_dir / layout.RECORDIO_PROPERTY
         if not prop.is_file():
             return None
         return int(prop.read_text(encoding="ascii").split(",")[0])
@@ -353,7 +352,9 @@ class RecordIODataset(torch.utils.data.Dataset):
         try:
             offset = self.offsets[index]
         except KeyError:
-            raise IndexError(f"record {index} is not in {self.rec_dir / IDX_NAME}") from None
+            raise IndexError(
+                f"record {index} is not in {self.rec_dir / layout.RECORDIO_INDEX}"
+            ) from None
         return read_record(self._file, offset)
 
     def close(self) -> None:

@@ -9,26 +9,23 @@ re-assembling the shard formats (WebDataset, RecordIO) in the copy.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from digi2real import filter as idfilter
-from digi2real.report import OUTPUTS_NPY, STATE_DIR, TARGETS_NPY, load_report
+from digi2real.analysis import metrics
+from digi2real.analysis.report import load_report
+from digi2real.data import fsio, layout
+from digi2real.data.layout import OutLayout
+from digi2real.data.manifest import assign_labels, write_labels, write_parquet
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 logger = logging.getLogger(__name__)
-
-KEPT_KEYS = "kept_keys.txt"
-PRUNE_JSON = "prune.json"
 
 
 def identities_to_drop(
@@ -69,35 +66,15 @@ def identities_to_drop(
     return dropped
 
 
-def _copy_file(source: Path, target: Path, link: bool) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if link:
-        try:
-            os.link(source, target)
-            return
-        except OSError:
-            pass  # another filesystem or no hard links there: fall back to a copy
-    shutil.copy2(source, target)
-
-
 def _write_rows(source: Path, target: Path, rows: np.ndarray, block: int) -> None:
     """Write ``source[rows]`` as a new .npy, streamed in blocks (never the whole array)."""
     array = np.load(source, mmap_mode="r", allow_pickle=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
     header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False}
     header["shape"] = (len(rows), *array.shape[1:])
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("wb") as handle:
+    with fsio.atomic_open(target) as handle:
         np.lib.format.write_array_header_1_0(handle, header)
         for start in range(0, len(rows), block):
-            handle.write(idfilter.read_block(array, rows[start : start + block]).tobytes())
-    tmp.replace(target)
-
-
-def _relabel_key(key: str, old_label: int, new_label: int) -> str:
-    # WebDataset-style keys carry the label ({label:07d}_{k:04d}); other keys are kept.
-    prefix = f"{old_label:07d}_"
-    return f"{new_label:07d}_{key[len(prefix) :]}" if key.startswith(prefix) else key
+            handle.write(metrics.read_block(array, rows[start : start + block]).tobytes())
 
 
 def prune(
@@ -109,7 +86,7 @@ def prune(
     report: dict[str, Any] | None = None,
     keys_only: bool = False,
     link: bool = True,
-    block: int = idfilter.DEFAULT_BLOCK,
+    block: int = metrics.DEFAULT_BLOCK,
 ) -> pa.Table:
     """Write a cleaned copy of ``out_dir`` to ``dest``; return the new manifest (pyarrow Table).
 
@@ -132,9 +109,10 @@ def prune(
         raise ValueError(f"dest {dest} must lie outside the dataset {out_dir} (and not contain it)")
     if dest.exists() and any(dest.iterdir()):
         raise ValueError(f"dest {dest} exists and is not empty")
-    manifest_path = out_dir / "manifest.parquet"
+    source, target = OutLayout(out_dir), OutLayout(dest)
+    manifest_path = source.manifest
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.parquet in {out_dir}")
+        raise FileNotFoundError(f"no {layout.MANIFEST} in {out_dir}")
     if report is None:
         report = load_report(out_dir)
 
@@ -155,50 +133,33 @@ def prune(
     logger.info(
         "pruning %d identit(ies): %d of %d images kept", len(dropped), len(kept_rows), len(table)
     )
-    dest.mkdir(parents=True, exist_ok=True)
+    fsio.make_dirs(dest)
     if keys_only:
         keys = kept.column("key").to_pylist()
-        (dest / KEPT_KEYS).write_text("".join(f"{key}\n" for key in keys), encoding="utf-8")
+        fsio.atomic_write_bytes(
+            dest / layout.KEPT_KEYS, "".join(f"{key}\n" for key in keys).encode("utf-8")
+        )
         return kept
 
-    names = sorted(set(kept.column("identity").to_pylist()))
-    new_label = {name: label for label, name in enumerate(names)}
-    old_labels = kept.column("label").to_pylist()
-    identities = kept.column("identity").to_pylist()
-    labels = [new_label[name] for name in identities]
-    keys = [
-        _relabel_key(key, old, new)
-        for key, old, new in zip(kept.column("key").to_pylist(), old_labels, labels, strict=True)
-    ]
-    kept = kept.set_column(
-        kept.schema.get_field_index("label"), "label", pa.array(labels, pa.int64())
-    )
-    kept = kept.set_column(kept.schema.get_field_index("key"), "key", pa.array(keys, pa.string()))
-
+    kept, labels = assign_labels(kept)
     for relative in kept.column("path").to_pylist():
-        _copy_file(out_dir / relative, dest / relative, link)
-    for name in (OUTPUTS_NPY, TARGETS_NPY):
-        source = out_dir / STATE_DIR / name
-        if source.is_file():
-            _write_rows(source, dest / STATE_DIR / name, kept_rows, block)
-    pq.write_table(kept, dest / "manifest.parquet")
-    with (dest / "labels.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["label", "identity"])
-        writer.writerows((label, name) for name, label in new_label.items())
-    if (out_dir / "config.yaml").is_file():
-        shutil.copy2(out_dir / "config.yaml", dest / "config.yaml")
-    for name in ("rejected.parquet", "errors.parquet"):
-        source = out_dir / name
-        if not source.is_file():
+        fsio.copy_file(out_dir / relative, dest / relative, link=link)
+    for embeddings, copy in ((source.outputs, target.outputs), (source.targets, target.targets)):
+        if embeddings.is_file():
+            _write_rows(embeddings, copy, kept_rows, block)
+    write_labels(target.labels, labels)
+    if source.config.is_file():
+        fsio.copy_file(source.config, target.config, link=False)
+    for side_path, copy in ((source.rejected, target.rejected), (source.errors, target.errors)):
+        if not side_path.is_file():
             continue
-        side = pq.read_table(source)
+        side = pq.read_table(side_path)
         if "identity" in side.column_names and side.num_rows:
             side = side.filter(
                 pc.invert(pc.is_in(side.column("identity"), pa.array(sorted(dropped), pa.string())))
             )
-        pq.write_table(side, dest / name)
-    (dest / PRUNE_JSON).write_text(
+        write_parquet(copy, side)
+    prune_record = (
         json.dumps(
             {
                 "dropped": [
@@ -206,11 +167,47 @@ def prune(
                 ],
                 "images_kept": len(kept_rows),
                 "images_dropped": len(table) - len(kept_rows),
-                "identities_kept": len(names),
+                "identities_kept": len(labels),
             },
             indent=1,
         )
-        + "\n",
-        encoding="utf-8",
+        + "\n"
     )
+    fsio.atomic_write_bytes(dest / layout.PRUNE_JSON, prune_record.encode("utf-8"))
+    # the manifest last: a dataset with manifest.parquet is a finished dataset
+    write_parquet(target.manifest, kept)
     return kept
+
+
+def prune_dataset(
+    out: Path,
+    dest: Path,
+    drop_collisions: bool,
+    drop_leaks: bool,
+    keys_only: bool,
+    copy: bool = False,
+) -> str:
+    """``digi2real prune``: a cleaned copy (or kept keys), formats and card rebuilt there."""
+    import yaml
+
+    from digi2real.analysis.card import write_card
+    from digi2real.analysis.report import build_report
+    from digi2real.data.writers.assemble import assemble_formats
+
+    if not OutLayout(out).report_json.is_file():
+        build_report(out)  # the drop lists come from the report's figures
+    table = prune(
+        out,
+        dest,
+        drop_collisions=drop_collisions,
+        drop_leaks=drop_leaks,
+        keys_only=keys_only,
+        link=not copy,
+    )
+    if keys_only:
+        return f"{table.num_rows} kept keys -> {Path(dest) / layout.KEPT_KEYS}"
+    record = yaml.safe_load(OutLayout(dest).config.read_text(encoding="utf-8"))
+    assemble_formats(Path(dest), record["config"]["output"]["formats"], table)
+    write_card(Path(dest))
+    identities = len(set(table.column("identity").to_pylist()))
+    return f"kept {table.num_rows} images of {identities} identities -> {dest}"

@@ -1,0 +1,3 @@
+from digi2real.cli.main import main
+
+raise SystemExit(main())

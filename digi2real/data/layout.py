@@ -1,0 +1,156 @@
+"""Every name under a converted dataset ``OUT/``: the one place that spells them.
+
+::
+
+    OUT/
+      images/<identity>/<k:04d>.jpg        aligned 112x112 crops (the ImageFolder root)
+      originals/<identity>/<k:04d>.jpg     full-resolution outputs (output.keep_original)
+      wds/shard-NNNNNN.tar                 WebDataset
+      rec/{train.rec,train.idx,property}   insightface RecordIO
+      manifest.parquet                     one row per accepted image; written LAST
+      rejected.parquet  errors.parquet  labels.csv  config.yaml  DATASET_CARD.md
+      report/{report.json,similarity_hist.png,contact_NNN.png,index.html,judge_outputs.npy}
+      .digi2real/                          run state
+        run.json  plan.parquet  plan_errors.parquet
+        outputs.npy  targets.npy           row-aligned with manifest.parquet
+        cache/shard-NNNNNN.parquet         a shard's source embeddings
+        shards/NNNNNN/{manifest,rejected,errors}.parquet {outputs,targets}.npy
+                                           a shard's parts; its manifest.parquet is the commit
+
+A pruned copy (``digi2real prune``) adds ``prune.json`` (or holds only ``kept_keys.txt``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+IMAGES = "images"
+ORIGINALS = "originals"
+WEBDATASET = "wds"
+RECORDIO = "rec"
+RECORDIO_DATA = "train.rec"
+RECORDIO_INDEX = "train.idx"
+RECORDIO_PROPERTY = "property"
+MANIFEST = "manifest.parquet"
+REJECTED = "rejected.parquet"
+ERRORS = "errors.parquet"
+LABELS = "labels.csv"
+CONFIG = "config.yaml"
+CARD = "DATASET_CARD.md"
+REPORT = "report"
+REPORT_JSON = "report.json"
+REPORT_HISTOGRAM = "similarity_hist.png"
+REPORT_HTML = "index.html"
+REPORT_JUDGE_OUTPUTS = "judge_outputs.npy"
+KEPT_KEYS = "kept_keys.txt"
+PRUNE_JSON = "prune.json"
+
+STATE = ".digi2real"
+RUN_JSON = "run.json"
+PLAN = "plan.parquet"
+PLAN_ERRORS = "plan_errors.parquet"
+OUTPUTS = "outputs.npy"  # generated images' embeddings, row-aligned with the manifest
+TARGETS = "targets.npy"  # their target embeddings, likewise
+CACHE = "cache"
+SHARDS = "shards"
+# a shard's parts, written in this order; the manifest part last is the commit marker
+SHARD_PARTS = (ERRORS, REJECTED, OUTPUTS, TARGETS, MANIFEST)
+
+
+def contact_sheet_name(number: int) -> str:
+    return f"contact_{number:03d}.png"
+
+
+def webdataset_shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def image_path(identity: str, index: int, folder: str = IMAGES) -> str:
+    """An image's path relative to OUT (POSIX separators, as in the manifest); ``identity``
+    must be a usable path component (:func:`digi2real.data.fsio.safe_component`)."""
+    if index < 0:
+        raise ValueError(f"image index must be >= 0, got {index}")
+    return f"{folder}/{identity}/{index:04d}.jpg"
+
+
+class OutLayout:
+    """The paths of one ``OUT/``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __truediv__(self, relative: str) -> Path:
+        return self.root / relative
+
+    @property
+    def images(self) -> Path:
+        return self.root / IMAGES
+
+    @property
+    def originals(self) -> Path:
+        return self.root / ORIGINALS
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / REJECTED
+
+    @property
+    def errors(self) -> Path:
+        return self.root / ERRORS
+
+    @property
+    def labels(self) -> Path:
+        return self.root / LABELS
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def card(self) -> Path:
+        return self.root / CARD
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    @property
+    def report_json(self) -> Path:
+        return self.report / REPORT_JSON
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE
+
+    @property
+    def run_json(self) -> Path:
+        return self.state / RUN_JSON
+
+    @property
+    def plan(self) -> Path:
+        return self.state / PLAN
+
+    @property
+    def plan_errors(self) -> Path:
+        return self.state / PLAN_ERRORS
+
+    @property
+    def outputs(self) -> Path:
+        return self.state / OUTPUTS
+
+    @property
+    def targets(self) -> Path:
+        return self.state / TARGETS
+
+    def cache(self, shard: int) -> Path:
+        return self.state / CACHE / f"shard-{shard:06d}.parquet"
+
+    def shard(self, shard: int) -> Path:
+        return self.state / SHARDS / f"{shard:06d}"
+
+    def is_committed(self, shard: int) -> bool:
+        return (self.shard(shard) / MANIFEST).is_file()

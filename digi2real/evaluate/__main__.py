@@ -1,3 +1,0 @@
-from digi2real.evaluate.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""What a weights dir holds: the package manifest of every file a real run needs, a dir's
+own ``manifest.json`` (the files present, with sha256), opening and verifying a dir.
+
+A weights dir (``DIR``) has the same layout for both profiles::
+
+    DIR/manifest.json                 files actually present, with sha256 (written by download/tiny)
+    DIR/face.json                     recognizer/detector preprocessing (data, not code)
+    DIR/arc2face/{config.json,diffusion_pytorch_model.safetensors}   UNet2DConditionModel
+    DIR/encoder/{config.json,model.safetensors}                      CLIPTextModel (Arc2Face)
+    DIR/vae/{config.json,diffusion_pytorch_model.safetensors}        AutoencoderKL
+    DIR/tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json}
+    DIR/scheduler/scheduler_config.json
+    DIR/arcface.onnx                  ArcFace recognizer (N,3,112,112) -> (N,D)
+    DIR/scrfd_10g_bnkps.onnx          SCRFD detector
+
+Nothing here fetches: :func:`open_weights` reads the dir's manifest only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from digi2real.data import fsio
+from digi2real.weights.face_config import FACE_CONFIG
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_MANIFEST = Path(__file__).with_name("manifest.json")
+DIR_MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+PROFILES = ("real", "tiny")
+CHUNK = 1 << 20
+
+
+def default_weights_dir(profile: str = "real") -> Path:
+    """``$DIGI2REAL_HOME/weights/<profile>``, ``$DIGI2REAL_HOME`` defaulting to ~/.cache/digi2real."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown weights profile {profile!r}; valid: {', '.join(PROFILES)}")
+    home = Path(os.environ.get("DIGI2REAL_HOME", Path.home() / ".cache" / "digi2real"))
+    return home / "weights" / profile
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_package_manifest() -> dict[str, Any]:
+    with open(PACKAGE_MANIFEST, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@dataclass(frozen=True)
+class WeightsDir:
+    """A weights dir that has a ``manifest.json``; paths of its components."""
+
+    root: Path
+    profile: str
+    files: tuple[dict[str, Any], ...]
+    digest: str
+    face: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unet(self) -> Path:
+        return self.root / "arc2face"
+
+    @property
+    def encoder(self) -> Path:
+        return self.root / "encoder"
+
+    @property
+    def vae(self) -> Path:
+        return self.root / "vae"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def scheduler(self) -> Path:
+        return self.root / "scheduler"
+
+    def file_digest(self, component: str) -> str:
+        """sha256 over the (path, sha256) pairs of one component's files."""
+        rows = sorted((f["path"], f["sha256"]) for f in self.files if f["component"] == component)
+        if not rows:
+            raise ValueError(f"weights dir {self.root} has no {component!r} files")
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+    def licenses(self) -> list[dict[str, Any]]:
+        return [
+            {k: f.get(k) for k in ("path", "component", "license", "license_url", "commercial")}
+            for f in self.files
+        ]
+
+
+def _dir_digest(files: list[dict[str, Any]]) -> str:
+    rows = sorted((f["path"], f["sha256"]) for f in files)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def open_weights(root: str | Path) -> WeightsDir:
+    """Open a weights dir written by ``digi2real weights download`` or ``weights tiny``.
+
+    Reads the manifest only (sizes are checked, checksums are :func:`verify`'s job, which
+    hashes gigabytes).
+    """
+    root = Path(root).expanduser()
+    manifest_path = root / DIR_MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"no weights at {root} ({DIR_MANIFEST} missing): run `digi2real weights download "
+            f"--dir {root}` for the real weights or `digi2real weights tiny --dir {root}` for the "
+            "tiny test profile"
+        )
+    with open(manifest_path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("profile") not in PROFILES:
+        raise ValueError(f"{manifest_path} is not a digi2real weights manifest (format/profile)")
+    files = manifest["files"]
+    for entry in files:
+        path = root / entry["path"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"weights file missing: {path}; run `digi2real weights verify --dir {root}`"
+            )
+        if path.stat().st_size != entry["size"]:
+            raise ValueError(
+                f"weights file {path} has size {path.stat().st_size}, manifest says "
+                f"{entry['size']}; run `digi2real weights verify --dir {root}`"
+            )
+    face_path = root / FACE_CONFIG
+    face = json.loads(face_path.read_text(encoding="utf-8")) if face_path.is_file() else {}
+    return WeightsDir(root, manifest["profile"], tuple(files), manifest["digest"], face)
+
+
+@dataclass
+class VerifyResult:
+    root: Path
+    problems: list[str]
+    checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(root: str | Path) -> VerifyResult:
+    """Check every file in ``DIR/manifest.json`` (size and sha256) and, for the real profile,
+    that every file the package manifest lists is present."""
+    root = Path(root).expanduser()
+    manifest_path = root / DIR_MANIFEST
+    if not manifest_path.is_file():
+        return VerifyResult(
+            root,
+            [
+                f"{manifest_path} missing: run `digi2real weights download --dir {root}` "
+                f"(or `digi2real weights tiny --dir {root}`)"
+            ],
+            0,
+        )
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    profile = manifest.get("profile")
+    fix = (
+        f"rebuild with `digi2real weights tiny --dir {root} --force`"
+        if profile == "tiny"
+        else f"re-fetch with `digi2real weights download --dir {root}`"
+    )
+    problems: list[str] = []
+    present = set()
+    for entry in manifest.get("files", []):
+        path = root / entry["path"]
+        present.add(entry["path"])
+        if not path.is_file():
+            problems.append(f"missing: {entry['path']} — {fix}")
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(
+                f"size mismatch: {entry['path']} is {size} bytes, expected {entry['size']} — {fix}"
+            )
+            continue
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            problems.append(
+                f"checksum mismatch: {entry['path']} has sha256 {actual}, expected {entry['sha256']} — {fix}"
+            )
+    if profile == "real":
+        for entry in load_package_manifest()["files"]:
+            if entry["path"] not in present:
+                problems.append(f"missing: {entry['path']} (required) — {_how_to_get(entry, root)}")
+    return VerifyResult(root, problems, len(present))
+
+
+def _how_to_get(entry: dict[str, Any], root: Path) -> str:
+    source = entry["source"]
+    if source["type"] == "huggingface":
+        return f"run `digi2real weights download --dir {root}`"
+    return source.get("manual", f"download {source.get('url')} into {root}")
+
+
+def entry_for(root: Path, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
+    path = root / rel
+    return {
+        **{k: v for k, v in meta.items() if k not in ("sha256", "size")},
+        "path": rel,
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+    }
+
+
+def write_dir_manifest(root: Path, profile: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    entries = sorted(entries, key=lambda e: e["path"])
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "profile": profile,
+        "digest": _dir_digest(entries),
+        "files": entries,
+    }
+    fsio.atomic_write_bytes(
+        root / DIR_MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    )
+    return manifest
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    fsio.atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
