@@ -16,11 +16,15 @@ import yaml
 
 PRESET_DIR = Path(__file__).with_name("configs")
 FORMATS = ("imagefolder", "webdataset", "recordio")
+# The one definition: pipeline.domain_shift derives its methods (all but the off switch "none")
+# and positions from these.
 SHIFT_METHODS = ("none", "mean_shift", "moment_match")
 SHIFT_POSITIONS = ("all", "varying")
 FALLBACKS = ("none", "center_crop")
 RUNNERS = ("local", "ray")
 INTERP_KINDS = ("source", "slerp", "dirichlet")
+SAMPLERS = ("dpmsolver++",)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -174,8 +178,8 @@ class Config:
     # -- validation --------------------------------------------------------------------------
 
     def validate(self) -> Config:
-        _choice("generation.sampler", self.generation.sampler, ("dpmsolver++",))
-        _choice("generation.dtype", self.generation.dtype, ("float32", "float16", "bfloat16"))
+        _choice("generation.sampler", self.generation.sampler, SAMPLERS)
+        _choice("generation.dtype", self.generation.dtype, DTYPES)
         _choice("shift.method", self.shift.method, SHIFT_METHODS)
         _choice("shift.positions", self.shift.positions, SHIFT_POSITIONS)
         _choice("filter.fallback", self.filter.fallback, FALLBACKS)

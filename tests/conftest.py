@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,61 @@ def sample_dataset() -> Path:
     from digi2real.sample import digiface_root
 
     return digiface_root()
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_weights, sample_dataset):
+    """``tiny_config(source=None, **overrides)``: the tiny preset on the session's tiny weights,
+    reading ``source`` (default: the bundled sample), with dotted ``overrides`` applied
+    (``**{"generation.steps": 2}``). Session-scoped so module fixtures can build on it."""
+    from digi2real.config import Config
+
+    def make(source: Path | None = None, **overrides: Any) -> Config:
+        return Config.preset_named("tiny").override(
+            {
+                "weights": str(tiny_weights.root),
+                "source.root": str(source or sample_dataset),
+                **overrides,
+            }
+        )
+
+    return make
+
+
+# -- the scale and fault tests (test_faults, test_scale_workers, test_scale_ray) ---------------
+
+
+@pytest.fixture(scope="session")
+def scale_setup(tmp_path_factory, tiny_weights, sample_dataset) -> dict[str, Path]:
+    """A few identities of the sample (``src``), the tiny weights and a folder (``base``) for
+    the outputs of the scale and fault tests; each test names its outputs under ``base``."""
+    from scale_helpers import make_source
+
+    base = tmp_path_factory.mktemp("scale")
+    src = make_source(base / "src", sample_dataset)
+    return {"base": base, "src": src, "weights": tiny_weights.root}
+
+
+@pytest.fixture(scope="session")
+def scale_expected(scale_setup) -> Path:
+    """The uninterrupted in-process run of ``convert_argv`` that they must match byte for byte."""
+    import torch
+    from scale_helpers import forkserver, reference
+
+    forkserver()  # started now, before a test sets fault variables the fork server would keep
+    threads = torch.get_num_threads()
+    try:
+        return reference(scale_setup["src"], scale_setup["weights"], scale_setup["base"])
+    finally:
+        torch.set_num_threads(threads)  # the run pins the threads: not beyond its fixture
+
+
+@pytest.fixture(scope="module")
+def keep_torch_threads():
+    """Restores torch's thread count after a module whose runs set it
+    (``pytestmark = pytest.mark.usefixtures("keep_torch_threads")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

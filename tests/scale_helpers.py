@@ -1,5 +1,6 @@
 """Shared by the scale and fault tests: a tiny source, `convert` argv, reference runs, and
-the comparison of two outputs (import as ``from scale_helpers import ...``)."""
+the comparison of two outputs (import as ``from scale_helpers import ...``); their fixtures
+(``scale_setup``, ``scale_expected``, ``keep_torch_threads``) are in conftest.py."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ IDENTITIES = 3
 RUN_FIELDS = ("devices", "runner", "ray_address", "max_shard_retries")
 TEMP_NAME = re.compile(r"^\..+\.tmp$")
 REPO = Path(__file__).resolve().parents[1]
+
+# the Config fields convert_argv sets: ``tiny_config(src, **CONVERT_FIELDS)`` is the Config it
+# gives (same run.json, same output)
+CONVERT_FIELDS: dict[str, Any] = {
+    "generation.steps": 2,
+    "interpolation.outputs_per_identity": 3,
+    "output.shard_size": 1,
+    "output.formats": FORMATS.split(","),
+}
 
 _references: dict[tuple[str, ...], Path] = {}
 
@@ -241,20 +251,3 @@ def assert_consistent(out: Path) -> None:
     assert files == set(paths)
     assert sorted({row["label"] for row in rows}) == list(range(len({r["identity"] for r in rows})))
     assert temp_files(out) == []
-
-
-def config_for(src: Path, weights: Path, **overrides: Any) -> Any:
-    """The Config that :func:`convert_argv` gives (same run.json, same output)."""
-    from digi2real.config import Config
-
-    return Config.preset_named("tiny").override(
-        {
-            "weights": str(weights),
-            "source.root": str(src),
-            "generation.steps": 2,
-            "interpolation.outputs_per_identity": 3,
-            "output.shard_size": 1,
-            "output.formats": FORMATS.split(","),
-            **overrides,
-        }
-    )

@@ -55,11 +55,10 @@ def test_augment_validates(d2r):
         d2r.augment("/nonexistent/folder")
 
 
-def test_real_profile_refuses_centre_crop_fallback(tiny_weights, tmp_path):
+def test_real_profile_refuses_centre_crop_fallback(tiny_weights, tiny_config, tmp_path):
     import json
     import shutil
 
-    from digi2real.config import Config
     from digi2real.runner.engine import Engine
     from digi2real.weights import open_weights
 
@@ -68,7 +67,7 @@ def test_real_profile_refuses_centre_crop_fallback(tiny_weights, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["profile"] = "real"
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    config = Config.preset_named("tiny").override({"weights": str(copy)})
+    config = tiny_config(weights=str(copy))
     with pytest.raises(ValueError, match="tiny profile only"):
         Engine(config, open_weights(copy), device="cpu")
 

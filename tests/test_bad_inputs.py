@@ -183,20 +183,19 @@ def test_hostile_identity_selection_is_a_clear_error(world, tiny_weights, tmp_pa
         assert not out.exists() or not any(out.rglob("*.jpg"))
 
 
-def test_a_face_that_cannot_be_found_is_a_row(world, tiny_weights, tmp_path, sample_dataset):
+def test_a_face_that_cannot_be_found_is_a_row(
+    world, tiny_weights, tiny_config, tmp_path, sample_dataset
+):
     """Without the tiny profile's centre-crop fallback: a non-aligned source with no
     detectable face is a row, and generated images without a face are rejections."""
-    from digi2real.config import Config
-
     src = tmp_path / "src"
     shutil.copytree(world["src"] / "modes", src / "unaligned")
     for name in ("0.jpg", "1.png", "2.png", "3.png"):
         (src / "unaligned" / name).unlink()
     shutil.copytree(sample_dataset / "0", src / "aligned")
-    config = Config.preset_named("tiny").to_dict()
-    config["filter"]["fallback"] = "none"
+    config = tiny_config(src, **{"filter.fallback": "none"})
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     out = tmp_path / "out"
     argv = ["convert", str(src), str(out), "--config", str(config_path), "--steps", "1"]
     argv += ["--weights", str(tiny_weights.root), "--outputs-per-identity", "1", "-q"]

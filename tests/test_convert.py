@@ -47,16 +47,20 @@ def source(tmp_path_factory, sample_dataset) -> tuple[Path, dict[str, str]]:
     return root, planted
 
 
-def tiny_config(tiny_weights, src: Path, **overrides) -> Config:
-    base = {
-        "weights": str(tiny_weights.root),
-        "source.root": str(src),
-        "interpolation.outputs_per_identity": OUTPUTS,
-        "generation.steps": STEPS,
-        "output.shard_size": 2,
-    }
-    base.update(overrides)
-    return Config.preset_named("tiny").override(base)
+@pytest.fixture(scope="module")
+def make_config(tiny_config, source):
+    """``make_config(**overrides)``: this module's Config, on ``source`` with OUTPUTS outputs
+    an identity, STEPS steps and two identities a shard."""
+
+    def make(**overrides) -> Config:
+        settings = {
+            "interpolation.outputs_per_identity": OUTPUTS,
+            "generation.steps": STEPS,
+            "output.shard_size": 2,
+        }
+        return tiny_config(source[0], **{**settings, **overrides})
+
+    return make
 
 
 def tree(out: Path) -> dict[str, bytes]:
@@ -74,9 +78,9 @@ def tree(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_weights, source, tmp_path_factory):
+def reference(make_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
-    summary = convert(tiny_config(tiny_weights, source[0]), out, progress=False)
+    summary = convert(make_config(), out, progress=False)
     return out, summary
 
 
@@ -151,7 +155,7 @@ def test_manifest_columns_labels_and_metadata(reference, tiny_weights):
     assert (out / "DATASET_CARD.md").is_file()
 
 
-def test_second_run_does_no_generation_work(reference, tiny_weights, source, monkeypatch):
+def test_second_run_does_no_generation_work(reference, make_config, monkeypatch):
     out, _ = reference
     before = tree(out)
 
@@ -159,17 +163,17 @@ def test_second_run_does_no_generation_work(reference, tiny_weights, source, mon
         raise AssertionError("a re-run of a finished conversion must not build models")
 
     monkeypatch.setattr("digi2real.runner.engine.Engine.from_config", no_engine)
-    convert(tiny_config(tiny_weights, source[0]), out, progress=False)
+    convert(make_config(), out, progress=False)
     assert tree(out) == before
 
 
-def test_same_config_twice_is_byte_identical(reference, tiny_weights, source, tmp_path):
+def test_same_config_twice_is_byte_identical(reference, make_config, tmp_path):
     out = tmp_path / "again"
-    convert(tiny_config(tiny_weights, source[0]), out, progress=False)
+    convert(make_config(), out, progress=False)
     assert tree(out) == tree(reference[0])
 
 
-def test_batch_size_changes_no_noise(tiny_weights, source, tmp_path):
+def test_batch_size_changes_no_noise(make_config, tmp_path):
     """Batch size is a performance knob: same targets, seeds and (up to float rounding of
     batched kernels) pixels. The generated images are compared before the lossy JPEG
     encoding (<= 2 levels, the bar); a JPEG can turn a 1-level input change into a few
@@ -179,7 +183,7 @@ def test_batch_size_changes_no_noise(tiny_weights, source, tmp_path):
     outs, crops = {}, {}
     for batch in (1, 4):
         outs[batch] = tmp_path / f"bs{batch}"
-        cfg = tiny_config(tiny_weights, source[0], **{"generation.batch_size": batch})
+        cfg = make_config(**{"generation.batch_size": batch})
         captured = []
         original = Engine.postprocess
 
@@ -207,18 +211,18 @@ def test_batch_size_changes_no_noise(tiny_weights, source, tmp_path):
         assert np.abs(a - b).mean() < 0.5
 
 
-def test_changed_config_is_refused_naming_the_field(reference, tiny_weights, source):
+def test_changed_config_is_refused_naming_the_field(reference, make_config):
     with pytest.raises(ConfigMismatchError, match="generation.steps"):
         convert(
-            tiny_config(tiny_weights, source[0], **{"generation.steps": STEPS + 1}),
+            make_config(**{"generation.steps": STEPS + 1}),
             reference[0],
             progress=False,
         )
 
 
-def test_kill_mid_run_then_resume_gives_the_same_output(reference, tiny_weights, source, tmp_path):
+def test_kill_mid_run_then_resume_gives_the_same_output(reference, make_config, source, tmp_path):
     out = tmp_path / "killed"
-    cfg = tiny_config(tiny_weights, source[0])
+    cfg = make_config()
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     cmd = [
@@ -243,15 +247,15 @@ def test_kill_mid_run_then_resume_gives_the_same_output(reference, tiny_weights,
     assert tree(out) == tree(reference[0])
 
 
-def test_overwrite_starts_over(tiny_weights, source, tmp_path):
+def test_overwrite_starts_over(make_config, tmp_path):
     out = tmp_path / "o"
     convert(
-        tiny_config(tiny_weights, source[0], **{"source.identities": "first:1"}),
+        make_config(**{"source.identities": "first:1"}),
         out,
         progress=False,
     )
     summary = convert(
-        tiny_config(tiny_weights, source[0], **{"source.identities": "first:2"}),
+        make_config(**{"source.identities": "first:2"}),
         out,
         overwrite=True,
         progress=False,
@@ -259,10 +263,10 @@ def test_overwrite_starts_over(tiny_weights, source, tmp_path):
     assert summary.identities == 2
 
 
-def test_not_a_digi2real_output_is_refused(tiny_weights, source, tmp_path):
+def test_not_a_digi2real_output_is_refused(make_config, tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not a digi2real output"):
-        convert(tiny_config(tiny_weights, source[0]), tmp_path, overwrite=True, progress=False)
+        convert(make_config(), tmp_path, overwrite=True, progress=False)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
@@ -288,11 +292,9 @@ def test_cli_dry_run_plans_without_generating(tiny_weights, source, tmp_path, ca
     assert not out.exists()
 
 
-def test_keep_original_writes_full_resolution_beside_each_crop(tiny_weights, source, tmp_path):
+def test_keep_original_writes_full_resolution_beside_each_crop(make_config, tmp_path):
     out = tmp_path / "orig"
-    cfg = tiny_config(
-        tiny_weights, source[0], **{"source.identities": "first:1", "output.keep_original": True}
-    )
+    cfg = make_config(**{"source.identities": "first:1", "output.keep_original": True})
     convert(cfg, out, progress=False)
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     originals = sorted(
@@ -303,7 +305,9 @@ def test_keep_original_writes_full_resolution_beside_each_crop(tiny_weights, sou
         assert image.size == (64, 64)  # the tiny profile's resolution (512 with real weights)
 
 
-def test_config_yaml_config_is_portable_and_round_trips(reference, tiny_weights, source):
+def test_config_yaml_config_is_portable_and_round_trips(
+    reference, make_config, tiny_weights, source
+):
     from digi2real.config import merge_environment
 
     out, _ = reference
@@ -314,6 +318,6 @@ def test_config_yaml_config_is_portable_and_round_trips(reference, tiny_weights,
     assert record["environment"]["paths"]["source.root"] == str(source[0])
     assert record["environment"]["placement"]["generation.batch_size"] == 8
     rebuilt = Config.from_dict(merge_environment(record))
-    assert rebuilt == tiny_config(tiny_weights, source[0])
+    assert rebuilt == make_config()
     card = (out / "DATASET_CARD.md").read_text()
     assert str(source[0]) not in card and str(tiny_weights.root) not in card

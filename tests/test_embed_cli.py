@@ -9,7 +9,7 @@ from digi2real.data.embeddings import load_embeddings
 
 
 def test_embed_writes_unit_rows_with_identities_and_paths(
-    tiny_weights, sample_dataset, tmp_path, capsys
+    tiny_weights, tiny_config, sample_dataset, tmp_path, capsys
 ):
     src = tmp_path / "src"
     shutil.copytree(sample_dataset / "0", src / "alice")
@@ -34,10 +34,9 @@ def test_embed_writes_unit_rows_with_identities_and_paths(
     assert data.identities == ["alice"] * 4 + ["bob"] * 4
     assert data.paths[0] == "alice/0.png" and data.paths[-1] == "bob/3.png"
     # the same images through the conversion's face stack give the same vectors
-    from digi2real.config import Config
     from digi2real.data.images import load_image
     from digi2real.face.stack import FaceStack
 
-    faces = FaceStack(Config.preset_named("tiny"), tiny_weights, device="cpu")
+    faces = FaceStack(tiny_config(), tiny_weights, device="cpu")
     crop, _ = faces.align(load_image(src / "alice" / "0.png"))
     assert np.allclose(faces.embed(crop[None])[0], data.embeddings[0], atol=1e-5)

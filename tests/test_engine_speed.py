@@ -10,22 +10,20 @@ import pytest
 import torch
 from helpers import unit_rows
 
-from digi2real.config import Config
 from digi2real.runner.engine import Engine
 
 STEPS = 3
 
 
-def make_engine(tiny_weights, **overrides) -> Engine:
-    base = {"weights": str(tiny_weights.root), "generation.steps": STEPS}
-    base.update(overrides)
+def make_engine(tiny_weights, tiny_config, **overrides) -> Engine:
     torch.set_num_threads(1)
-    return Engine(Config.preset_named("tiny").override(base), tiny_weights, device="cpu")
+    config = tiny_config(**{"generation.steps": STEPS, **overrides})
+    return Engine(config, tiny_weights, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_weights) -> Engine:
-    return make_engine(tiny_weights, **{"generation.batch_size": 3})
+def engine(tiny_weights, tiny_config) -> Engine:
+    return make_engine(tiny_weights, tiny_config, **{"generation.batch_size": 3})
 
 
 def faces_equal(a, b) -> bool:
@@ -64,8 +62,8 @@ def test_overlap_propagates_postprocess_errors(engine, monkeypatch):
         engine.generate(unit_rows(4, 16), [1, 2, 3, 4])
 
 
-def test_cuda_oom_halves_the_batch_and_goes_on(tiny_weights, monkeypatch):
-    engine = make_engine(tiny_weights, **{"generation.batch_size": 8})
+def test_cuda_oom_halves_the_batch_and_goes_on(tiny_weights, tiny_config, monkeypatch):
+    engine = make_engine(tiny_weights, tiny_config, **{"generation.batch_size": 8})
     real = engine._generate_batch
     calls: list[int] = []
 
@@ -88,8 +86,8 @@ def test_cuda_oom_halves_the_batch_and_goes_on(tiny_weights, monkeypatch):
         assert np.abs(alone.astype(int) - faces[i].image.astype(int)).max() <= 2
 
 
-def test_oom_at_batch_one_is_raised(tiny_weights, monkeypatch):
-    engine = make_engine(tiny_weights, **{"generation.batch_size": 1})
+def test_oom_at_batch_one_is_raised(tiny_weights, tiny_config, monkeypatch):
+    engine = make_engine(tiny_weights, tiny_config, **{"generation.batch_size": 1})
 
     def always(targets, seeds):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
@@ -104,7 +102,7 @@ def test_mismatched_seeds_refused(engine):
         engine.generate(unit_rows(3, 16), [1, 2])
 
 
-def test_compile_flag_reaches_the_generator(tiny_weights, monkeypatch):
+def test_compile_flag_reaches_the_generator(tiny_weights, tiny_config, monkeypatch):
     compiled: list[str] = []
 
     def fake_compile(self, *args, **kwargs):
@@ -112,18 +110,18 @@ def test_compile_flag_reaches_the_generator(tiny_weights, monkeypatch):
 
     # plumbing only: the real compile is exercised (and timed) by scripts/bench.py
     monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
-    plain = make_engine(tiny_weights)
+    plain = make_engine(tiny_weights, tiny_config)
     assert not plain.generator.compiled and compiled == []
-    fast = make_engine(tiny_weights, **{"generation.compile": True})
+    fast = make_engine(tiny_weights, tiny_config, **{"generation.compile": True})
     assert fast.generator.compiled
     assert compiled == ["UNet2DConditionModel", "Decoder"]
 
 
-def test_channels_last_follows_the_config_and_sdpa_is_used(engine, tiny_weights):
+def test_channels_last_follows_the_config_and_sdpa_is_used(engine, tiny_weights, tiny_config):
     assert engine.generator.channels_last is False  # the tiny preset turns it off
     processors = engine.generator.attention_processors()
     assert processors == {"unet": ["AttnProcessor2_0"], "vae": ["AttnProcessor2_0"]}
-    fast = make_engine(tiny_weights, **{"generation.channels_last": True})
+    fast = make_engine(tiny_weights, tiny_config, **{"generation.channels_last": True})
     conv = fast.generator.unet.conv_in.weight
     assert fast.generator.channels_last and conv.is_contiguous(memory_format=torch.channels_last)
 
@@ -134,13 +132,12 @@ def test_overlap_config_default_is_on(engine):
 
 
 def test_accepted_images_are_written_while_the_next_batch_diffuses(
-    tiny_weights, sample_dataset, tmp_path, monkeypatch
+    tiny_config, tmp_path, monkeypatch
 ):
     """The shard's image writes run on the post-processing thread, as each batch is judged,
     not after the whole shard has diffused."""
     import threading
 
-    from digi2real.config import Config
     from digi2real.data.writers.imagefolder import ImageFolderWriter
     from digi2real.runner.convert import convert
     from digi2real.runner.engine import Engine
@@ -159,10 +156,8 @@ def test_accepted_images_are_written_while_the_next_batch_diffuses(
 
     monkeypatch.setattr(ImageFolderWriter, "write", write)
     monkeypatch.setattr(Engine, "_generate_batch", diffuse)
-    config = Config.preset_named("tiny").override(
-        {
-            "weights": str(tiny_weights.root),
-            "source.root": str(sample_dataset),
+    config = tiny_config(
+        **{
             "source.identities": "first:2",
             "generation.steps": 2,
             "generation.batch_size": 2,
@@ -178,23 +173,16 @@ def test_accepted_images_are_written_while_the_next_batch_diffuses(
 
 
 def test_cuda_oom_during_a_conversion_is_reported_and_changes_nothing(
-    tiny_weights, sample_dataset, tmp_path, monkeypatch
+    tiny_config, tmp_path, monkeypatch
 ):
     import pyarrow.parquet as pq
     import torch
 
-    from digi2real.config import Config
     from digi2real.runner.convert import convert
     from digi2real.runner.engine import Engine
 
-    config = Config.preset_named("tiny").override(
-        {
-            "weights": str(tiny_weights.root),
-            "source.root": str(sample_dataset),
-            "source.identities": "first:2",
-            "generation.steps": 2,
-            "generation.batch_size": 4,
-        }
+    config = tiny_config(
+        **{"source.identities": "first:2", "generation.steps": 2, "generation.batch_size": 4}
     )
     reference = convert(config, tmp_path / "ref", progress=False)
     assert reference.events == []

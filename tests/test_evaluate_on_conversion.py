@@ -8,19 +8,11 @@ from digi2real.cli import main
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_weights, sample_dataset, tmp_path_factory):
-    from digi2real.config import Config
+def converted(tiny_config, tmp_path_factory):
     from digi2real.runner.convert import convert
 
     out = tmp_path_factory.mktemp("ev") / "out"
-    config = Config.preset_named("tiny").override(
-        {
-            "weights": str(tiny_weights.root),
-            "source.root": str(sample_dataset),
-            "generation.steps": 2,
-            "output.formats": ["imagefolder", "recordio"],
-        }
-    )
+    config = tiny_config(**{"generation.steps": 2, "output.formats": ["imagefolder", "recordio"]})
     convert(config, out, progress=False)
     return out
 

@@ -16,17 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from digi2real.cli.evaluate import add_train_arguments, config_from_args
 from digi2real.evaluate.backbones import get_backbone
 from digi2real.evaluate.data import ImageFolderFaces, open_dataset
 from digi2real.evaluate.losses import MarginHead, arcface_target
-from digi2real.evaluate.train import (
-    LRSchedule,
-    TrainConfig,
-    add_train_arguments,
-    config_from_args,
-    load_checkpoint,
-    train,
-)
+from digi2real.evaluate.train import LRSchedule, TrainConfig, load_checkpoint, train
 from digi2real.evaluate.verify import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]

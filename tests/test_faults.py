@@ -13,10 +13,7 @@ from scale_helpers import (
     assert_consistent,
     assert_same_output,
     convert_argv,
-    forkserver,
     killed_after,
-    make_source,
-    reference,
     run_forked,
     temp_files,
     tree,
@@ -33,27 +30,7 @@ RANDOM_SEED = 20240607
 RANDOM_KILLS = 5
 SLOW_RANDOM_KILLS = 20
 
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_weights, sample_dataset) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("faults")
-    src = make_source(base / "src", sample_dataset)
-    return {"base": base, "src": src, "weights": tiny_weights.root}
-
-
-@pytest.fixture(scope="module")
-def expected(setup) -> Path:
-    forkserver()
-    return reference(setup["src"], setup["weights"], setup["base"])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _keep_torch_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def _argv(setup: dict[str, Path], out: Path) -> list[str]:
@@ -87,14 +64,14 @@ def _log(run: dict[str, Any], suffix: str = ".log") -> str:
 
 
 @pytest.fixture(scope="module")
-def boundary_runs(setup, expected) -> dict[str, dict[str, Any]]:
+def boundary_runs(scale_setup, scale_expected) -> dict[str, dict[str, Any]]:
     """Every commit boundary killed in its own OUT, then resumed."""
     specs = [f"{p}@{KILLED_SHARD}" for p in SHARD_POINTS] + FINAL_POINTS
-    return {spec: _kill_then_resume(setup, spec) for spec in specs}
+    return {spec: _kill_then_resume(scale_setup, spec) for spec in specs}
 
 
 @pytest.mark.parametrize("point", SHARD_POINTS + FINAL_POINTS)
-def test_kill_at_commit_boundary_then_resume(boundary_runs, expected, point):
+def test_kill_at_commit_boundary_then_resume(boundary_runs, scale_expected, point):
     spec = f"{point}@{KILLED_SHARD}" if point.startswith("shard-") else point
     run = boundary_runs[spec]
     assert run["killed"] == -9, _log(run)
@@ -107,7 +84,7 @@ def test_kill_at_commit_boundary_then_resume(boundary_runs, expected, point):
     else:
         assert committed == ["000000", "000001", "000002"]
     assert run["resumed"] == 0, _log(run, ".resume.log")
-    assert_same_output(run["out"], expected)
+    assert_same_output(run["out"], scale_expected)
     assert_consistent(run["out"])
 
 
@@ -133,27 +110,27 @@ def _random_kills(setup: dict[str, Path], expected: Path, count: int, seed: int)
     return lines
 
 
-def test_kill_at_seeded_random_instants_then_resume(setup, expected):
-    lines = _random_kills(setup, expected, RANDOM_KILLS, RANDOM_SEED)
+def test_kill_at_seeded_random_instants_then_resume(scale_setup, scale_expected):
+    lines = _random_kills(scale_setup, scale_expected, RANDOM_KILLS, RANDOM_SEED)
     assert sum("killed" in line for line in lines) >= 1, lines
 
 
 @pytest.mark.slow
-def test_kill_at_twenty_random_instants_then_resume(setup, expected):
-    lines = _random_kills(setup, expected, SLOW_RANDOM_KILLS, RANDOM_SEED + 1)
+def test_kill_at_twenty_random_instants_then_resume(scale_setup, scale_expected):
+    lines = _random_kills(scale_setup, scale_expected, SLOW_RANDOM_KILLS, RANDOM_SEED + 1)
     assert sum("killed" in line for line in lines) >= SLOW_RANDOM_KILLS // 2, lines
 
 
 @pytest.mark.slow
-def test_killed_again_and_again_in_one_output(setup, expected):
+def test_killed_again_and_again_in_one_output(scale_setup, scale_expected):
     """One OUT killed at ten random instants in a row, each resume killed again."""
-    out = setup["base"] / "again-and-again"
+    out = scale_setup["base"] / "again-and-again"
     rng = random.Random(RANDOM_SEED + 2)
     log = out.with_suffix(".log")
     for _ in range(10):
-        killed_after(_argv(setup, out), rng.uniform(0.0, 1.5), anchor=out, log=log)
-    assert run_forked(_argv(setup, out), log=log) == 0
-    assert_same_output(out, expected)
+        killed_after(_argv(scale_setup, out), rng.uniform(0.0, 1.5), anchor=out, log=log)
+    assert run_forked(_argv(scale_setup, out), log=log) == 0
+    assert_same_output(out, scale_expected)
     assert_consistent(out)
 
 
@@ -192,7 +169,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, code: int, hit: Any) -> list[str]:
     ],
 )
 def test_disk_full_or_read_only_is_a_clear_error_then_a_rerun_completes(
-    setup, expected, tmp_path, monkeypatch, capsys, code, message, where
+    scale_setup, scale_expected, tmp_path, monkeypatch, capsys, code, message, where
 ):
     from digi2real.cli import main
 
@@ -201,7 +178,7 @@ def test_disk_full_or_read_only_is_a_clear_error_then_a_rerun_completes(
         failed = _inject(monkeypatch, code, lambda p: f"/images/{KILLED_SHARD}/" in p)
     else:  # finalisation, after every shard committed
         failed = _inject(monkeypatch, code, lambda p: Path(p).name.startswith(".labels.csv"))
-    assert main(_argv(setup, out)) == 2
+    assert main(_argv(scale_setup, out)) == 2
     err = capsys.readouterr().err
     assert failed, "the injected failure was never reached"
     assert f"error: {message}" in err
@@ -212,13 +189,13 @@ def test_disk_full_or_read_only_is_a_clear_error_then_a_rerun_completes(
     assert not (out / "manifest.parquet").exists()
     assert temp_files(out) == []
     # what was committed is intact: byte-identical to the uninterrupted run's
-    got, want = tree(out), tree(expected)
+    got, want = tree(out), tree(scale_expected)
     for name in got:
         if name.startswith(".digi2real/shards/") or name.startswith("images/0/"):
             assert got[name] == want[name], name
     monkeypatch.undo()
-    assert main(_argv(setup, out)) == 0
-    assert_same_output(out, expected)
+    assert main(_argv(scale_setup, out)) == 0
+    assert_same_output(out, scale_expected)
     assert_consistent(out)
 
 

@@ -4,22 +4,22 @@ runner; per-shard failures and dead actors are resubmitted a bounded number of t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 from scale_helpers import (
+    CONVERT_FIELDS,
     assert_consistent,
     assert_same_output,
-    config_for,
     convert_argv,
     make_source,
-    reference,
 )
 
 from digi2real.data.layout import OutLayout
 from digi2real.runner import faults
 from digi2real.runner.convert import convert, derived_fields
 from digi2real.runner.plan import prepare_out
+
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def test_without_ray_the_runner_says_how_to_install_it(
@@ -43,47 +43,28 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_weights, sample_dataset) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("ray")
-    src = make_source(base / "src", sample_dataset)
-    return {"base": base, "src": src, "weights": tiny_weights.root}
+def _ray_config(setup, tiny_config, **overrides):
+    settings = {**CONVERT_FIELDS, "run.runner": "ray", "run.devices": "cpux2", **overrides}
+    return tiny_config(setup["src"], **settings)
 
 
-@pytest.fixture(scope="module")
-def expected(setup) -> Path:
-    return reference(setup["src"], setup["weights"], setup["base"])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _keep_torch_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _ray_config(setup, **overrides):
-    settings = {"run.runner": "ray", "run.devices": "cpux2", **overrides}
-    return config_for(setup["src"], setup["weights"], **settings)
-
-
-def test_ray_run_matches_the_in_process_run(local_ray, setup, expected):
-    out = setup["base"] / "ray"
-    convert(_ray_config(setup), out, progress=False)
-    assert_same_output(out, expected)
+def test_ray_run_matches_the_in_process_run(local_ray, scale_setup, scale_expected, tiny_config):
+    out = scale_setup["base"] / "ray"
+    convert(_ray_config(scale_setup, tiny_config), out, progress=False)
+    assert_same_output(out, scale_expected)
     assert_consistent(out)
 
 
 def test_ray_resubmits_failed_shards_a_bounded_number_of_times(
-    local_ray, setup, expected, monkeypatch
+    local_ray, scale_setup, scale_expected, tiny_config, monkeypatch
 ):
     from digi2real.runner.ray import run_ray
 
-    out = setup["base"] / "ray-faults"
+    out = scale_setup["base"] / "ray-faults"
     # one actor: fewer actor start-ups (each imports torch) keep this test short
-    config = _ray_config(setup, **{"run.max_shard_retries": 1, "run.devices": "cpux1"})
+    config = _ray_config(
+        scale_setup, tiny_config, **{"run.max_shard_retries": 1, "run.devices": "cpux1"}
+    )
     plan = prepare_out(out, config, derived_fields(config), overwrite=False)
 
     # an exception on every attempt: caught in the actor, resubmitted once, then reported
@@ -96,7 +77,7 @@ def test_ray_resubmits_failed_shards_a_bounded_number_of_times(
     # an actor that dies half-way through writing a shard's images: the shard comes back
     # with no result, is resubmitted to a fresh actor and commits
     monkeypatch.setenv(faults.ENV, "exit:shard-images-written@2")
-    monkeypatch.setenv(faults.ONCE_ENV, str(setup["base"] / "ray-exit.fired"))
+    monkeypatch.setenv(faults.ONCE_ENV, str(scale_setup["base"] / "ray-exit.fired"))
     outcome = run_ray(config, out, plan, [1, 2])
     assert outcome.failed == {}
     assert outcome.attempts[2][0] == "lost" and len(outcome.attempts[2]) == 2
@@ -104,5 +85,5 @@ def test_ray_resubmits_failed_shards_a_bounded_number_of_times(
 
     monkeypatch.delenv(faults.ENV)
     convert(config, out, progress=False)  # finalises only: every shard is committed
-    assert_same_output(out, expected)
+    assert_same_output(out, scale_expected)
     assert_consistent(out)

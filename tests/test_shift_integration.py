@@ -154,28 +154,36 @@ def test_cli_stats_real_synthetic_merge_compare(tiny_weights, tmp_path, capsys):
     assert png.stat().st_size > 1000 and "after" in capsys.readouterr().out.lower()
 
 
-def test_conversion_with_shift_records_alpha_and_refuses_other_encoder(
-    tiny_weights, tmp_path, sample_dataset, stats_pair
+def _shift_config(
+    tiny_config, tmp_path, stats_pair, *, outputs: int, method: str, alpha: float, **overrides
 ):
-    from digi2real.config import Config
-    from digi2real.runner.convert import convert
-    from digi2real.weights import build_tiny
-
+    """A one-identity tiny conversion with the domain shift on, from ``stats_pair`` saved in
+    ``tmp_path``."""
     real, synth = stats_pair
     real.save(tmp_path / "real.stats")
     synth.save(tmp_path / "synth.stats")
-    config = Config.preset_named("tiny").override(
-        {
-            "weights": str(tiny_weights.root),
-            "source.root": str(sample_dataset),
+    return tiny_config(
+        **{
             "source.identities": "first:1",
-            "interpolation.outputs_per_identity": 2,
+            "interpolation.outputs_per_identity": outputs,
             "generation.steps": 2,
-            "shift.method": "mean_shift",
-            "shift.alpha": 0.5,
+            "shift.method": method,
+            "shift.alpha": alpha,
             "shift.real_stats": str(tmp_path / "real.stats"),
             "shift.synthetic_stats": str(tmp_path / "synth.stats"),
+            **overrides,
         }
+    )
+
+
+def test_conversion_with_shift_records_alpha_and_refuses_other_encoder(
+    tiny_config, tmp_path, stats_pair
+):
+    from digi2real.runner.convert import convert
+    from digi2real.weights import build_tiny
+
+    config = _shift_config(
+        tiny_config, tmp_path, stats_pair, outputs=2, method="mean_shift", alpha=0.5
     )
     convert(config, tmp_path / "out", progress=False)
     rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
@@ -184,33 +192,24 @@ def test_conversion_with_shift_records_alpha_and_refuses_other_encoder(
     with pytest.raises(ValueError) as info:
         convert(config.override({"weights": str(other.root)}), tmp_path / "out2", progress=False)
     message = str(info.value)
+    real, _ = stats_pair
     assert real.meta["encoder_digest"] in message and other.file_digest("encoder") in message
 
 
-def test_config_yaml_records_what_the_shift_was_made_of(
-    tiny_weights, tmp_path, sample_dataset, stats_pair
-):
+def test_config_yaml_records_what_the_shift_was_made_of(tiny_config, tmp_path, stats_pair):
     import yaml
 
-    from digi2real.config import Config
     from digi2real.runner.convert import convert
 
     real, synth = stats_pair
-    real.save(tmp_path / "real.stats")
-    synth.save(tmp_path / "synth.stats")
-    config = Config.preset_named("tiny").override(
-        {
-            "weights": str(tiny_weights.root),
-            "source.root": str(sample_dataset),
-            "source.identities": "first:1",
-            "interpolation.outputs_per_identity": 1,
-            "generation.steps": 2,
-            "shift.method": "moment_match",
-            "shift.alpha": 1.0,
-            "shift.positions": "varying",
-            "shift.real_stats": str(tmp_path / "real.stats"),
-            "shift.synthetic_stats": str(tmp_path / "synth.stats"),
-        }
+    config = _shift_config(
+        tiny_config,
+        tmp_path,
+        stats_pair,
+        outputs=1,
+        method="moment_match",
+        alpha=1.0,
+        **{"shift.positions": "varying"},
     )
     convert(config, tmp_path / "out", progress=False)
     record = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())

@@ -227,26 +227,13 @@ def render_dataset_card(
     return "\n".join(lines)
 
 
-def write_dataset_card(
-    out_dir: str | Path,
-    *,
-    config: dict[str, Any],
-    counts: dict[str, Any],
-    report: dict[str, Any] | None,
-    weights_manifest: dict[str, Any],
-    source_license: str | None,
-) -> Path:
-    """Write ``OUT/DATASET_CARD.md`` and return its path."""
+def write_dataset_card(out_dir: str | Path, **card: Any) -> Path:
+    """Write ``OUT/DATASET_CARD.md`` (``card``: :func:`render_dataset_card`'s keyword
+    arguments) and return its path."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"output folder not found: {out_dir}")
-    text = render_dataset_card(
-        config=config,
-        counts=counts,
-        report=report,
-        weights_manifest=weights_manifest,
-        source_license=source_license,
-    )
+    text = render_dataset_card(**card)
     path = fsio.atomic_write_bytes(OutLayout(out_dir).card, text.encode("utf-8"))
     logger.info("dataset card written to %s", path)
     return path

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from digi2real.config import DTYPES, SHIFT_METHODS, SHIFT_POSITIONS
+
 TINY_NOTICE = (
     "NOTE: the tiny profile has RANDOM weights: its 'faces' are noise that only prove the "
     "pipeline runs end to end. For real images: `digi2real weights download --dir DIR` (needs "
@@ -24,14 +26,14 @@ def add_config_flags(p: argparse.ArgumentParser, *, source: bool = True) -> None
         g.add_argument("--identities", help="all | first:N | START:STOP | a,b,c | @names.txt")
         g.add_argument("--min-images", type=int, help="minimum usable images per identity")
     g.add_argument("--batch-size", type=int, help="targets per UNet call (speed only)")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    g.add_argument("--dtype", choices=DTYPES)
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)
     g.add_argument("--threshold", type=float, help="identity filter: min cosine to the target")
     g.add_argument("--max-attempts", type=int)
-    g.add_argument("--shift-method", choices=("none", "mean_shift", "moment_match"))
+    g.add_argument("--shift-method", choices=SHIFT_METHODS)
     g.add_argument("--shift-alpha", type=float)
-    g.add_argument("--shift-positions", choices=("all", "varying"))
+    g.add_argument("--shift-positions", choices=SHIFT_POSITIONS)
     g.add_argument("--real-stats", type=Path)
     g.add_argument("--synthetic-stats", type=Path)
     g.add_argument("--no-shift", action="store_true", help="run without the domain shift")

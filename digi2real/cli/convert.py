@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.cli.common import TINY_NOTICE, add_config_flags, config_from_args, is_tiny
+from digi2real.config import RUNNERS
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def register(sub: Any) -> None:
     p.add_argument("--formats", help="comma list: imagefolder,webdataset,recordio")
     p.add_argument("--shard-size", type=int, help="identities per shard")
     p.add_argument("--devices", help="local workers: 0,1 | all | cpux2")
-    p.add_argument("--runner", choices=("local", "ray"))
+    p.add_argument("--runner", choices=RUNNERS)
     p.add_argument("--ray-address")
     p.add_argument("--source-license", help="licence of the source dataset (dataset card)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT and start over")

@@ -7,15 +7,91 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import fields
 from typing import Any
 
-from digi2real.evaluate.train import add_train_arguments, config_from_args, train
-from digi2real.evaluate.verify import add_verify_arguments, run_from_args
+from digi2real.evaluate.backbones import BACKBONES
+from digi2real.evaluate.data import DATA_FORMATS
+from digi2real.evaluate.losses import DEFAULT_SCALE, LOSSES
+from digi2real.evaluate.train import SCHEDULES, TrainConfig, train
+from digi2real.evaluate.verify import DEFAULT_NAMES, VerificationReport, verify
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``evaluate train`` flags; :func:`config_from_args` maps them onto TrainConfig."""
+    parser.add_argument("data", help="converted dataset folder (OUT/)")
+    parser.add_argument("--out", required=True, help="checkpoint folder (CKPT_DIR)")
+    parser.add_argument("--backbone", choices=BACKBONES, default="iresnet50")
+    parser.add_argument("--loss", choices=LOSSES, default="arcface")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="poly")
+    parser.add_argument("--warmup-epochs", type=float, default=0.0)
+    parser.add_argument(
+        "--milestones", default="", help="epochs where --schedule step multiplies LR by gamma"
+    )
+    parser.add_argument("--lr-gamma", type=float, default=0.1)
+    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    parser.add_argument("--margin", type=float, default=None, help="0.5 arcface, 0.35 cosface")
+    parser.add_argument("--easy-margin", action="store_true")
+    parser.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 disables")
+    parser.add_argument("--no-flip", dest="flip", action="store_false")
+    parser.add_argument("--amp", action="store_true", help="fp16 + GradScaler on CUDA, bf16 on CPU")
+    parser.add_argument("--resume", action="store_true", help="require a checkpoint to continue")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", dest="num_workers", type=int, default=2)
+    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop (resumably) here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--format", dest="data_format", choices=DATA_FORMATS, default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    # the namespace also holds the top-level flags (command, verbose, func): keep only ours
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["milestones"] = tuple(int(m) for m in str(args.milestones).split(",") if m.strip())
+    return TrainConfig(**values)
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="CKPT_DIR, backbone.safetensors, checkpoint.pt or .onnx")
+    parser.add_argument("--bins", required=True, help="folder with <name>.bin files")
+    parser.add_argument("--names", default=",".join(DEFAULT_NAMES), help="comma-separated")
+    parser.add_argument("--out", default=None, help="Markdown table; JSON beside it")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--folds", type=int, default=10)
+
+
+def run_from_args(args: argparse.Namespace) -> VerificationReport:
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--names is empty")
+    report = verify(
+        args.model,
+        args.bins,
+        names,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        folds=args.folds,
+    )
+    print(report.to_markdown(), end="")
+    return report
 
 
 def _run_train(args: argparse.Namespace) -> int:
     logging.getLogger("digi2real.evaluate").setLevel(logging.INFO)  # per-epoch progress
     result = train(config_from_args(args))
+    # a --max-steps stop is a planned pause (resumable), not a failure
     return 0 if result.finished or args.max_steps is not None else 1
 
 

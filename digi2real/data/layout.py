@@ -57,6 +57,9 @@ SHARDS = "shards"
 SHARD_PARTS = (ERRORS, REJECTED, OUTPUTS, TARGETS, MANIFEST)
 
 
+CONTACT_SHEET_GLOB = "contact_*.png"
+
+
 def contact_sheet_name(number: int) -> str:
     return f"contact_{number:03d}.png"
 

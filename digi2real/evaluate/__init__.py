@@ -1,7 +1,7 @@
 """Close the loop: train a face recogniser on a converted set and measure verification accuracy.
 
 ``train`` (IResNet + ArcFace/CosFace, resumable, torchrun-ready) and ``verify`` (the
-insightface ``.bin`` protocol); ``cli`` holds the argparse wiring.
+insightface ``.bin`` protocol); :mod:`digi2real.cli.evaluate` holds the argparse wiring.
 """
 
 from digi2real.evaluate.train import TrainConfig, TrainResult, train

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from digi2real.data.layout import IMAGES, LABELS, RECORDIO, RECORDIO_PROPERTY, OutLayout
+
 logger = logging.getLogger(__name__)
 
 DATA_FORMATS = ("auto", "imagefolder", "rec")
@@ -92,10 +94,11 @@ class ImageFolderFaces(_FlipMixin, Dataset):
 
     def __init__(self, root: str | Path, seed: int = 0, flip: bool = True) -> None:
         self.root = Path(root)
-        images_dir = self.root / "images"
+        self.layout = OutLayout(self.root)
+        images_dir = self.layout.images
         if not images_dir.is_dir():
-            raise FileNotFoundError(f"no images/ folder under {self.root}")
-        labels_csv = self.root / "labels.csv"
+            raise FileNotFoundError(f"no {IMAGES}/ folder under {self.root}")
+        labels_csv = self.layout.labels
         if labels_csv.is_file():
             labels = read_labels(labels_csv)
         else:
@@ -110,7 +113,7 @@ class ImageFolderFaces(_FlipMixin, Dataset):
         self.seed, self.epoch, self.flip = seed, 0, flip
 
     def _list(self, labels: dict[str, int]) -> list[tuple[str, int]]:
-        manifest = self.root / "manifest.parquet"
+        manifest = self.layout.manifest
         if manifest.is_file():
             import pyarrow.parquet as pq
 
@@ -121,7 +124,7 @@ class ImageFolderFaces(_FlipMixin, Dataset):
             ):
                 if labels.get(identity) != label:
                     raise ValueError(
-                        f"{manifest}: {identity!r} has label {label}, labels.csv says "
+                        f"{manifest}: {identity!r} has label {label}, {LABELS} says "
                         f"{labels.get(identity)}"
                     )
                 samples.append((rel, int(label)))
@@ -129,7 +132,7 @@ class ImageFolderFaces(_FlipMixin, Dataset):
             samples = [
                 (path.relative_to(self.root).as_posix(), label)
                 for identity, label in labels.items()
-                for path in (self.root / "images" / identity).iterdir()
+                for path in (self.layout.images / identity).iterdir()
                 if path.suffix.lower() in IMAGE_SUFFIXES
             ]
         return sorted(samples, key=lambda item: (item[1], item[0]))
@@ -165,7 +168,7 @@ class RecordFaces(_FlipMixin, Dataset):
         count = getattr(self.records, "num_classes", None)
         if count is None:
             # insightface's property file: "num_classes,height,width".
-            prop = self.rec_dir / "property"
+            prop = self.rec_dir / RECORDIO_PROPERTY
             if not prop.is_file():
                 raise FileNotFoundError(f"cannot tell the number of classes: no {prop}")
             count = prop.read_text(encoding="utf-8").split(",")[0]
@@ -186,11 +189,11 @@ def open_dataset(
     """The training set of a converted ``OUT/`` in ``data_format`` (one of DATA_FORMATS)."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; valid choices: {DATA_FORMATS}")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
+    out = OutLayout(root)
+    if not out.root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {out.root}")
     if data_format == "auto":
-        data_format = "imagefolder" if (root / "images").is_dir() else "rec"
+        data_format = "imagefolder" if out.images.is_dir() else "rec"
     if data_format == "imagefolder":
-        return ImageFolderFaces(root, seed=seed, flip=flip)
-    return RecordFaces(root / "rec", seed=seed, flip=flip)
+        return ImageFolderFaces(out.root, seed=seed, flip=flip)
+    return RecordFaces(out / RECORDIO, seed=seed, flip=flip)

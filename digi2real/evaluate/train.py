@@ -14,15 +14,14 @@ weights as an uninterrupted one (CPU, same thread count).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
 import random
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from digi2real.data import fsio
 from digi2real.evaluate.backbones import BACKBONES, get_backbone
 from digi2real.evaluate.data import DATA_FORMATS, open_dataset
 from digi2real.evaluate.losses import DEFAULT_SCALE, LOSSES, MarginHead
@@ -235,13 +235,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary sibling, fsync, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    """torch.save published atomically: a kill mid-write leaves the previous checkpoint."""
+    # streamed into the temp file rather than a BytesIO: a head with 1M classes is GBs
+    with fsio.atomic_open(path) as handle:
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -272,20 +269,17 @@ def _check_resume(config: TrainConfig, saved: dict[str, Any], world_size: int, p
 
 
 def _write_backbone(backbone: nn.Module, config: TrainConfig, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     metadata = {"backbone": config.backbone, "embedding_size": str(config.embedding_size)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    fsio.atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _write_config(config: TrainConfig, path: Path, environment: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = {"config": config.to_dict(), "environment": environment}
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    fsio.atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -322,10 +316,10 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     if config.resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"--resume given but there is no {checkpoint_path}")
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        # A run killed mid-write leaves its temporary file; the committed one is intact.
-        for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):
-            stale.unlink()
+        fsio.make_dirs(out)
+        # a run killed mid-write leaves its temporary files; the committed ones are intact,
+        # and rank 0 is the only writer in CKPT_DIR
+        fsio.remove_stale_temps(out)
 
     dataset = open_dataset(config.data, config.data_format, seed=config.seed, flip=config.flip)
     sampler = DistributedSampler(
@@ -504,59 +498,3 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
         _write_backbone(model.backbone, config, backbone_path)
         logger.info("finished: %s", backbone_path)
     return TrainResult(step, epoch, finished, checkpoint_path, backbone_path)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``evaluate train`` flags; :func:`config_from_args` maps them onto TrainConfig."""
-    parser.add_argument("data", help="converted dataset folder (OUT/)")
-    parser.add_argument("--out", required=True, help="checkpoint folder (CKPT_DIR)")
-    parser.add_argument("--backbone", choices=BACKBONES, default="iresnet50")
-    parser.add_argument("--loss", choices=LOSSES, default="arcface")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=128, help="per process")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--schedule", choices=SCHEDULES, default="poly")
-    parser.add_argument("--warmup-epochs", type=float, default=0.0)
-    parser.add_argument(
-        "--milestones", default="", help="epochs where --schedule step multiplies LR by gamma"
-    )
-    parser.add_argument("--lr-gamma", type=float, default=0.1)
-    parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE)
-    parser.add_argument("--margin", type=float, default=None, help="0.5 arcface, 0.35 cosface")
-    parser.add_argument("--easy-margin", action="store_true")
-    parser.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 disables")
-    parser.add_argument("--no-flip", dest="flip", action="store_false")
-    parser.add_argument("--amp", action="store_true", help="fp16 + GradScaler on CUDA, bf16 on CPU")
-    parser.add_argument("--resume", action="store_true", help="require a checkpoint to continue")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", dest="num_workers", type=int, default=2)
-    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop (resumably) here")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--format", dest="data_format", choices=DATA_FORMATS, default="auto")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--deterministic", action="store_true")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["milestones"] = tuple(int(m) for m in str(args.milestones).split(",") if m.strip())
-    return TrainConfig(**values)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="digi2real evaluate train", description=__doc__)
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = train(config_from_args(args))
-    return 0 if result.finished or args.max_steps is not None else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

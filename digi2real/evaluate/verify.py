@@ -17,11 +17,9 @@ mean and standard deviation of the 10 fold accuracies.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
-import os
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from digi2real.data import fsio
 from digi2real.evaluate.backbones import get_backbone
 from digi2real.evaluate.train import BACKBONE_NAME, CHECKPOINT_NAME, load_checkpoint
 
@@ -326,53 +325,8 @@ def verify(
 def write_report(report: VerificationReport, out: str | Path) -> tuple[Path, Path]:
     """``out`` gets the Markdown table, the same stem with ``.json`` the full numbers."""
     markdown = Path(out)
-    markdown.parent.mkdir(parents=True, exist_ok=True)
     as_json = markdown.with_suffix(".json")
-    for path, text in (
-        (markdown, report.to_markdown()),
-        (as_json, json.dumps(report.to_json(), indent=2) + "\n"),
-    ):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    as_text = json.dumps(report.to_json(), indent=2) + "\n"
+    fsio.atomic_write_bytes(markdown, report.to_markdown().encode("utf-8"))
+    fsio.atomic_write_bytes(as_json, as_text.encode("utf-8"))
     return markdown, as_json
-
-
-def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="CKPT_DIR, backbone.safetensors, checkpoint.pt or .onnx")
-    parser.add_argument("--bins", required=True, help="folder with <name>.bin files")
-    parser.add_argument("--names", default=",".join(DEFAULT_NAMES), help="comma-separated")
-    parser.add_argument("--out", default=None, help="Markdown table; JSON beside it")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--folds", type=int, default=10)
-
-
-def run_from_args(args: argparse.Namespace) -> VerificationReport:
-    names = [n.strip() for n in args.names.split(",") if n.strip()]
-    if not names:
-        raise ValueError("--names is empty")
-    report = verify(
-        args.model,
-        args.bins,
-        names,
-        args.out,
-        device=args.device,
-        batch_size=args.batch_size,
-        folds=args.folds,
-    )
-    print(report.to_markdown(), end="")
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="digi2real evaluate verify", description=__doc__)
-    add_verify_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_from_args(args)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -100,11 +100,11 @@ class IdentityEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
+        return self.text_encoder.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.text_encoder.parameters()).dtype
+        return self.text_encoder.dtype
 
     @property
     def sequence_shape(self) -> tuple[int, int]:

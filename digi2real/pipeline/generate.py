@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from digi2real.config import DTYPES, SAMPLERS
 from digi2real.pipeline.conditioning import IdentityEncoder
 
 if TYPE_CHECKING:
@@ -32,14 +33,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("dpmsolver++",)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
+    if name not in TORCH_DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -130,15 +130,15 @@ class Arc2FaceGenerator:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return self.unet.dtype
 
     @property
     def dtype_name(self) -> str:
-        return {v: k for k, v in DTYPES.items()}[self.dtype]
+        return {v: k for k, v in TORCH_DTYPES.items()}[self.dtype]
 
     def attention_processors(self) -> dict[str, list[str]]:
         """Attention processor class names of the UNet and the VAE (expect ``AttnProcessor2_0``:

@@ -40,7 +40,8 @@ def stable_seed(*parts: object, bits: int = 63) -> int:
 
 
 def image_seed(run_seed: int, identity: str, index: int, attempt: int) -> int:
-    """The noise seed of one output image (DESIGN: seeds)."""
+    """The noise seed of one output image: a stable hash of (run seed, identity, output index,
+    attempt), so an image does not depend on batch size, shard layout or worker count."""
     return stable_seed("image", run_seed, identity, index, attempt)
 
 

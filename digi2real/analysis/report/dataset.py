@@ -1,0 +1,137 @@
+"""Reading a converted dataset's ``OUT/`` for the report: the manifest, the row-aligned
+embedding arrays (memory-mapped), the run's config and a leakage gallery."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digi2real.analysis import metrics
+from digi2real.data import layout
+from digi2real.data.embeddings import EmbeddingSet, load_embeddings
+from digi2real.data.layout import OutLayout
+
+logger = logging.getLogger(__name__)
+
+GalleryEmbedder = Callable[[Path], EmbeddingSet]
+
+
+@dataclass
+class Dataset:
+    out_dir: Path
+    keys: list[str]
+    paths: list[str]
+    codes: np.ndarray  # (N,) contiguous codes over the manifest's labels
+    labels: list[int]  # code -> dataset label
+    identities: list[str]  # code -> identity name
+    outputs: np.ndarray
+    targets: np.ndarray
+    config: dict[str, Any]
+    manifest_path: Path
+
+
+def _read_config(out_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = OutLayout(out_dir).config
+    if not path.is_file():
+        logger.warning("%s not found: source renders will not be shown", path)
+        return {}
+    with path.open(encoding="utf-8") as handle:
+        record = yaml.safe_load(handle) or {}
+    from digi2real.config import merge_environment
+
+    # the saved config keeps host paths (source root...) under its environment section
+    return merge_environment(record) if "config" in record else record
+
+
+def open_dataset(out_dir: str | Path) -> Dataset:
+    """Read what the report needs from OUT: the manifest and the memory-mapped arrays."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out = OutLayout(out_dir)
+    manifest_path = out.manifest
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no {layout.MANIFEST} in {out_dir}: is it a converted dataset?")
+    table = pq.read_table(manifest_path, columns=["key", "identity", "label", "path"])
+    if table.num_rows == 0:
+        raise ValueError(f"{manifest_path} has no rows: nothing to report on")
+    raw_labels = table.column("label").to_numpy().astype(np.int64)
+    unique_labels, codes = np.unique(raw_labels, return_inverse=True)
+    names_per_row = table.column("identity").to_numpy(zero_copy_only=False)
+    # One identity per label: name each label by its first row, then check all rows agree.
+    sorted_rows = np.argsort(raw_labels, kind="stable")
+    sorted_labels = raw_labels[sorted_rows]
+    first_rows = sorted_rows[np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]]
+    identities = [str(name) for name in names_per_row[first_rows]]
+    mismatch = np.flatnonzero(names_per_row != np.asarray(identities, dtype=object)[codes])
+    if mismatch.size:
+        row = int(mismatch[0])
+        raise ValueError(
+            f"{manifest_path}: label {raw_labels[row]} is used by more than one identity "
+            f"({names_per_row[row]!r} and {identities[codes[row]]!r})"
+        )
+    arrays = []
+    for path in (out.outputs, out.targets):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the report needs the run's embeddings")
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        metrics.check_float32(array, str(path))
+        if array.shape[0] != table.num_rows:
+            raise ValueError(f"{path} has {array.shape[0]} rows for {table.num_rows} manifest rows")
+        arrays.append(array)
+    return Dataset(
+        out_dir=out_dir,
+        keys=table.column("key").to_pylist(),
+        paths=table.column("path").to_pylist(),
+        codes=codes.astype(np.int64),
+        labels=[int(v) for v in unique_labels],
+        identities=identities,
+        outputs=arrays[0],
+        targets=arrays[1],
+        config=_read_config(out_dir),
+        manifest_path=manifest_path,
+    )
+
+
+def load_gallery(gallery: Path, gallery_embedder: GalleryEmbedder | None) -> EmbeddingSet:
+    gallery = Path(gallery)
+    if gallery.is_dir():
+        if gallery_embedder is None:
+            raise ValueError(
+                f"gallery {gallery} is a folder of images: pass gallery_embedder, or a .npy "
+                "embedding file written by `digi2real embed`"
+            )
+        embedded = gallery_embedder(gallery)
+        if not isinstance(embedded, EmbeddingSet):
+            raise ValueError(
+                f"gallery_embedder returned {type(embedded).__name__}, not EmbeddingSet"
+            )
+        return embedded
+    if gallery.suffix == ".npy":
+        return load_embeddings(gallery, mmap=True)
+    if not gallery.exists():
+        raise FileNotFoundError(f"gallery not found: {gallery}")
+    raise ValueError(f"gallery must be a .npy embedding file or a folder of images, got {gallery}")
+
+
+def count_rows(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    return int(pq.read_metadata(path).num_rows)
+
+
+def source_root(out_dir: Path, config: dict[str, Any]) -> Path | None:
+    root = (config.get("source") or {}).get("root")
+    if not root:
+        return None
+    root = Path(root)
+    return root if root.is_absolute() else out_dir / root
