@@ -12,7 +12,10 @@ import numpy as np
 
 from digi2real.config import Config
 from digi2real.data.embeddings import check_embeddings, l2_normalize, load_embeddings
+from digi2real.data.images import load_image
 from digi2real.data.readers import IMAGE_EXTENSIONS, image_files
+from digi2real.device import torch_threads
+from digi2real.face.align import align_at
 from digi2real.face.images import embed_images
 from digi2real.pipeline.identity_filter import Pending, generate_with_retries
 from digi2real.pipeline.interpolate import plan_identity
@@ -94,15 +97,21 @@ class Digi2Real:
         cls,
         weights_dir: str | Path | None = None,
         *,
-        device: str = "auto",
+        device: str | Any | None = None,
+        torch_dtype: str | Any | None = None,
         config: Config | str | Path | None = None,
         preset: str | None = None,
-        **overrides: Any,
+        overrides: dict[str, Any] | None = None,
+        **dotted: Any,
     ) -> Digi2Real:
         """Load a weights dir (``digi2real weights download`` / ``weights tiny``).
 
-        ``preset`` defaults to ``tiny`` for a tiny-profile dir and ``default`` otherwise;
-        ``overrides`` are dotted config fields, e.g. ``**{"generation.steps": 20}``.
+        ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device`` (default: the
+        config's ``run.device``, ``auto``). ``torch_dtype``: ``torch.float16`` or its name
+        (``generation.dtype``; CPU runs in float32). ``config``: a Config or a YAML file;
+        ``preset`` otherwise (default: ``tiny`` for a tiny-profile dir, ``default`` else).
+        ``overrides``: dotted config fields, ``{"generation.steps": 20}``; ``**dotted`` is the
+        same as keywords. Every value is validated (a ConfigError names the bad one).
         """
         from digi2real.env import check_environment
         from digi2real.runner.engine import Engine
@@ -111,40 +120,66 @@ class Digi2Real:
         check_environment()
         root = Path(weights_dir) if weights_dir is not None else default_weights_dir("real")
         weights = open_weights(root)
+        values: dict[str, Any] = {"weights": str(root), **(overrides or {}), **dotted}
+        if device is not None:
+            values["run.device"] = str(device)
+        if torch_dtype is not None:
+            values["generation.dtype"] = str(torch_dtype).removeprefix("torch.")
         cfg = resolve_config(config, preset=preset, weights_dir=root)
-        cfg = cfg.override({"weights": str(root), **overrides})
-        cfg.validate()
-        engine = Engine(cfg, weights, device=device)
-        return cls(engine, cfg)
+        cfg = cfg.override(values, where="from_pretrained").validate()
+        return cls(Engine(cfg, weights, device=cfg.run.device), cfg)
+
+    def to(self, device: str | Any) -> Digi2Real:
+        """Move every model to ``device`` (as ``torch.nn.Module.to``; returns self)."""
+        self.engine.to(str(device))
+        self.config = self.config.override({"run.device": str(device)}, where="to()")
+        self.engine.config = self.config
+        return self
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
 
     # -- augment ---------------------------------------------------------------------------
 
     def source_embeddings(self, inputs: ImagesOrEmbeddings) -> tuple[np.ndarray, list[str]]:
         """(K, d) unit embeddings and a label for each, from images or embeddings."""
+        images = self._images(inputs)
+        if images is not None:
+            return self._embed_images(images)
+        if isinstance(inputs, np.ndarray):
+            return self._embeddings_array(inputs, "array")
+        return self._embeddings_array(load_embeddings(inputs).embeddings, str(inputs))
+
+    def _images(self, inputs: ImagesOrEmbeddings) -> list[tuple[str, Any]] | None:
+        """``(label, path or array)`` of image inputs; None for embeddings."""
         if isinstance(inputs, str | Path):
             path = Path(inputs)
             if path.suffix == ".npy":
-                return self._embeddings_array(load_embeddings(path).embeddings, str(path))
+                return None
             if not path.is_dir():
                 raise FileNotFoundError(f"not a folder of images or a .npy file: {path}")
             files = image_files(path, recursive=False)
             if not files:
                 raise ValueError(f"no images in {path} (extensions: {sorted(IMAGE_EXTENSIONS)})")
-            return self._embed_images(files)
-        if isinstance(inputs, np.ndarray):
+            items: list[Any] = list(files)
+        elif isinstance(inputs, np.ndarray):
             if inputs.ndim == 2:
-                return self._embeddings_array(inputs, "array")
-            if inputs.ndim == 4:
-                return self._embed_images(list(inputs))
-            if inputs.ndim == 3:
-                return self._embed_images([inputs])
-            raise ValueError(
-                f"array of shape {inputs.shape}: expected (N, d) embeddings or (N, H, W, 3) images"
-            )
-        items = list(inputs)
-        if not items:
-            raise ValueError("no images or embeddings given")
-        return self._embed_images(items)
+                return None
+            if inputs.ndim not in (3, 4):
+                raise ValueError(
+                    f"array of shape {inputs.shape}: expected (N, d) embeddings or "
+                    "(N, H, W, 3) images"
+                )
+            items = list(inputs) if inputs.ndim == 4 else [inputs]
+        else:
+            items = list(inputs)
+            if not items:
+                raise ValueError("no images or embeddings given")
+        return [
+            (str(item) if isinstance(item, str | Path) else f"image[{i}]", item)
+            for i, item in enumerate(items)
+        ]
 
     def _embeddings_array(self, array: np.ndarray, label: str) -> tuple[np.ndarray, list[str]]:
         array = np.asarray(array, dtype=np.float32)
@@ -157,11 +192,7 @@ class Digi2Real:
         array = check_embeddings(l2_normalize(array), name="embeddings")
         return array, [f"{label}[{i}]" for i in range(len(array))]
 
-    def _embed_images(self, items: list[Any]) -> tuple[np.ndarray, list[str]]:
-        named = [
-            (str(item) if isinstance(item, str | Path) else f"image[{i}]", item)
-            for i, item in enumerate(items)
-        ]
+    def _embed_images(self, named: list[tuple[str, Any]]) -> tuple[np.ndarray, list[str]]:
         embeddings, labels = [], []
         for outcome in embed_images(self.engine, named):
             if outcome.embedding is None:
@@ -180,19 +211,43 @@ class Digi2Real:
         num_images: int = 8,
         seed: int = 0,
         identity: str = "augment",
+        init_strength: float | None = None,
     ) -> AugmentResult:
         """New realistic images of ONE identity from its images (a folder, paths, arrays) or
         its ArcFace embeddings ((N, d) array or .npy), with the conversion's interpolation,
-        seeds and identity filter."""
+        seeds and identity filter. ``init_strength`` (default: the config's) > 0 starts each
+        target from the given image it is closest to (render-guided transfer; images only)."""
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        values: dict[str, Any] = {
+            "interpolation.outputs_per_identity": num_images,
+            "run.seed": seed,
+            "generation.init_strength": init_strength,
+        }
+        cfg = self.config.override(values, where="augment()")
+        images = self._images(images_or_embeddings)
+        if cfg.generation.init_strength > 0 and images is None:
+            raise ValueError(
+                "init_strength > 0 starts from the identity's images: pass images, not embeddings"
+            )
         embeddings, labels = self.source_embeddings(images_or_embeddings)
-        cfg = self.config.override(
-            {"interpolation.outputs_per_identity": num_images, "run.seed": seed}
-        )
+        sources = dict(images or [])
+        resolution = self.engine.generator.resolution
+
+        def init_image(item: Pending) -> np.ndarray:
+            image = sources[item.init_path]
+            image = load_image(image) if isinstance(image, str | Path) else np.asarray(image)
+            aligned = align_at(image, self.engine.detector, resolution)
+            if aligned is None:
+                raise ValueError(f"{item.init_path}: no face to start from")
+            return aligned
+
         targets = plan_identity(identity, embeddings, cfg.interpolation, seed)
         pending = [Pending(identity, t, [labels[i] for i in t.sources]) for t in targets]
-        accepted, rejected, _ = generate_with_retries(self.engine, pending, cfg)
+        with torch_threads(cfg.run.torch_threads):
+            accepted, rejected, _ = generate_with_retries(
+                self.engine, pending, cfg, init_image=init_image
+            )
         settings = self.engine.describe()
         images = [
             AugmentedImage(
@@ -209,6 +264,8 @@ class Digi2Real:
                     "similarity": a.similarity,
                     "version": __version__,
                     **settings,
+                    "init_strength": cfg.generation.init_strength,
+                    "init_path": (a.item.init_path if cfg.generation.init_strength > 0 else None),
                 },
             )
             for a in accepted

@@ -1,18 +1,22 @@
-"""One typed config. Presets live in ``configs/*.yaml`` (shipped inside the package too).
+"""One typed config, validated on load. Presets live in ``configs/*.yaml`` (shipped inside the
+package too).
 
-Fields are grouped by stage. :data:`FREE_FIELDS` may change on an existing output (batch size,
-devices, runner...); any other difference is refused because it changes the output.
+Fields are grouped by stage, one pydantic model per section, so every value is checked where
+it enters (a YAML file, a CLI flag, a Python override): type (no silent coercion: ``"3"`` is
+not a number, ``"no"`` is not a boolean, a string is not a list), range and choices. A bad
+value is a :class:`ConfigError` naming where it came from, the field, the value and what is
+allowed. Rules across fields (an ``imagefolder`` in the formats, statistics when the shift is
+on) are :meth:`Config.validate`'s. :data:`FREE_FIELDS` may change on an existing output (batch
+size, devices, runner...); any other difference is refused because it changes the output.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 PRESET_DIR = Path(__file__).with_name("configs")
 FORMATS = ("imagefolder", "webdataset", "recordio")
@@ -25,48 +29,77 @@ RUNNERS = ("local", "ray")
 INTERP_KINDS = ("source", "slerp", "dirichlet")
 SAMPLERS = ("dpmsolver++",)
 DTYPES = ("float32", "float16", "bfloat16")
+COLORS = ("RGB", "BGR")
+
+# Strict scalars: an int is a number, but a string, a bool or a NaN is not.
+Int = Annotated[int, Strict()]
+Positive = Annotated[int, Strict(), Field(ge=1)]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, Strict()]
 
 
-@dataclass
-class SourceConfig:
-    root: str | None = None
-    identities: str = "all"  # all | first:N | START:STOP | a,b,c | @file.txt
-    min_images: int = 1
-    license: str | None = None  # licence of the source dataset, for the dataset card
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-@dataclass
-class InterpolationConfig:
-    outputs_per_identity: int = 20
+class SourceConfig(Section):
+    root: Text | None = None
+    identities: Text = "all"  # all | first:N | START:STOP | a,b,c | @file.txt
+    min_images: Positive = 1
+    license: Text | None = None  # licence of the source dataset, for the dataset card
+
+
+class InterpolationConfig(Section):
+    outputs_per_identity: Positive = 20
     # share of each kind among an identity's targets; rounded per identity, deterministic
-    mix: dict[str, float] = field(
+    mix: dict[Literal[INTERP_KINDS], Annotated[Number, Field(ge=0)]] = Field(
         default_factory=lambda: {"source": 0.2, "slerp": 0.5, "dirichlet": 0.3}
     )
-    dirichlet_concentration: float = 1.0
-    dirichlet_sources: int = 3  # how many of the identity's embeddings a mixture draws on
-    slerp_t: tuple[float, float] = (0.2, 0.8)  # t ~ U(lo, hi) per target
+    dirichlet_concentration: Annotated[Number, Field(gt=0)] = 1.0
+    dirichlet_sources: Annotated[int, Strict(), Field(ge=2)] = 3  # embeddings a mixture uses
+    # t ~ U(lo, hi) per target
+    slerp_t: tuple[Annotated[Number, Field(ge=0, le=1)], Annotated[Number, Field(ge=0, le=1)]] = (
+        0.2,
+        0.8,
+    )
+
+    @field_validator("mix")
+    @classmethod
+    def _some_share(cls, mix: dict[str, float]) -> dict[str, float]:
+        if sum(mix.values()) <= 0:
+            raise ValueError("must give some kind a positive share")
+        return mix
+
+    @field_validator("slerp_t")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError("must be [lo, hi] with lo <= hi")
+        return value
 
 
-@dataclass
-class GenerationConfig:
-    sampler: str = "dpmsolver++"
-    steps: int = 25
-    guidance: float = 3.0
-    dtype: str = "float16"
-    batch_size: int = 16  # targets per UNet call (x2 for guidance); performance only
-    channels_last: bool = True
-    compile: bool = False
-    overlap: bool = True  # post-process batch k on a thread while batch k+1 diffuses
+class GenerationConfig(Section):
+    sampler: Literal[SAMPLERS] = "dpmsolver++"
+    steps: Annotated[int, Strict(), Field(ge=1, le=1000)] = 25
+    guidance: Annotated[Number, Field(ge=1)] = 3.0
+    dtype: Literal[DTYPES] = "float16"
+    batch_size: Positive = 16  # targets per UNet call (x2 for guidance); performance only
+    channels_last: Flag = True
+    compile: Flag = False
+    overlap: Flag = True  # post-process batch k on a thread while batch k+1 diffuses
+    # render-guided transfer: 0 = text-to-image from noise; s > 0 starts each target from its
+    # render, noised to the timestep s selects (diffusers' img2img strength)
+    init_strength: Annotated[Number, Field(ge=0, le=1)] = 0.0
 
 
-@dataclass
-class ShiftConfig:
-    method: str = "none"
-    alpha: float = 0.0
-    positions: str = "all"
-    real_stats: str | None = None
-    synthetic_stats: str | None = None
-    required: bool = False  # the paper preset: refuse to run without statistics
+class ShiftConfig(Section):
+    method: Literal[SHIFT_METHODS] = "none"
+    alpha: Annotated[Number, Field(ge=0)] = 0.0
+    positions: Literal[SHIFT_POSITIONS] = "all"
+    real_stats: Text | None = None
+    synthetic_stats: Text | None = None
+    required: Flag = False  # the paper preset: refuse to run without statistics
 
     @property
     def enabled(self) -> bool:
@@ -74,92 +107,172 @@ class ShiftConfig:
         return self.method != "none" and self.alpha > 0
 
 
-@dataclass
-class FilterConfig:
+class FilterConfig(Section):
     # cosine(ArcFace(generated), target). Arc2Face's identity similarity on its own outputs is
     # ~0.5-0.7 with the same ArcFace; 0.4 is well above the impostor distribution of ArcFace
     # R100 (same-person threshold at FAR 1e-4 is ~0.3), so an accepted image is the same
     # identity with margin while most pose/expression variation survives.
-    threshold: float = 0.4
-    max_attempts: int = 3
-    fallback: str = "none"  # none | center_crop (tiny profile only)
+    threshold: Annotated[Number, Field(ge=-1, le=1)] = 0.4
+    max_attempts: Positive = 3
+    fallback: Literal[FALLBACKS] = "none"  # none | center_crop (tiny profile only)
 
 
-@dataclass
-class OutputConfig:
-    formats: list[str] = field(default_factory=lambda: ["imagefolder"])
-    shard_size: int = 64  # identities per shard
-    jpeg_quality: int = 95
+class OutputConfig(Section):
+    formats: list[Literal[FORMATS]] = Field(default_factory=lambda: ["imagefolder"])
+    shard_size: Positive = 64  # identities per shard
+    jpeg_quality: Annotated[int, Strict(), Field(ge=1, le=100)] = 95
     # also keep the generated image at the model's resolution (512x512 with real weights) as
     # originals/<identity>/<k>.jpg beside the aligned 112x112 training crop
-    keep_original: bool = False
+    keep_original: Flag = False
 
 
-@dataclass
-class ReportConfig:
+class ReportConfig(Section):
     # A stricter judge for `digi2real report` than the generation's recognizer: an ONNX
     # ArcFace-style model (N,3,S,S) -> (N,D) and its preprocessing (same fields as face.json's
     # recognizer section). None: the report uses the embeddings stored by the run.
-    recognizer: str | None = None
-    input_size: int = 112
-    color: str = "RGB"
-    mean: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
-    std: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    recognizer: Text | None = None
+    input_size: Positive = 112
+    color: Literal[COLORS] = "RGB"
+    mean: Annotated[list[Number], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [127.5, 127.5, 127.5]
+    )
+    std: Annotated[list[Annotated[Number, Field(gt=0)]], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [127.5, 127.5, 127.5]
+    )
 
 
-@dataclass
-class RunConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    devices: str | None = None  # local multi-GPU: "0,1" or "all"
-    runner: str = "local"
-    ray_address: str | None = None
-    torch_threads: int = 1  # per worker, fixed for CPU determinism
-    max_shard_retries: int = 2
+class RunConfig(Section):
+    seed: Annotated[int, Strict(), Field(ge=0)] = 0
+    device: Text = "auto"  # auto | cpu | cuda | cuda:N
+    devices: Text | None = None  # local multi-GPU: "0,1" or "all"
+    runner: Literal[RUNNERS] = "local"
+    ray_address: Text | None = None
+    torch_threads: Positive = 1  # per worker, fixed for CPU determinism
+    max_shard_retries: Annotated[int, Strict(), Field(ge=0)] = 2
 
 
-@dataclass
-class Config:
-    weights: str | None = None
-    preset: str = "default"
-    source: SourceConfig = field(default_factory=SourceConfig)
-    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    shift: ShiftConfig = field(default_factory=ShiftConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
+class ConfigError(ValueError):
+    """Invalid config values: each problem names where it came from (a file, a flag, an
+    override), the field, the value and what is allowed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        head = problems[0] if len(problems) == 1 else f"{len(problems)} invalid config values:"
+        lines = [] if len(problems) == 1 else [f"  {p}" for p in problems]
+        super().__init__("\n".join([head, *lines]))
+
+
+def _allowed(error: dict[str, Any]) -> str:
+    """What a pydantic error allows, in the words of a config file."""
+    kind, context = error["type"], error.get("ctx") or {}
+    words = {
+        "float_type": "must be a number",
+        "int_type": "must be an integer",
+        "bool_type": "must be true or false",
+        "string_type": "must be text",
+        "list_type": "must be a list (YAML: [a, b])",
+        "dict_type": "must be a mapping",
+        "tuple_type": "must be a list of two numbers",
+        "finite_number": "must be a finite number",
+        "model_type": "must be a mapping of fields",
+    }
+    if kind in words:
+        return words[kind]
+    if kind == "literal_error":
+        return f"must be one of: {context.get('expected', '')}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<="}.get(
+            kind, "<"
+        )
+        bound = next(iter(context.values()), "")
+        return f"must be {sign} {bound}"
+    if kind in ("too_short", "too_long"):
+        return f"must have {context.get('min_length', context.get('max_length'))} items"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _problems(error: ValidationError, where: str, labels: dict[str, str]) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        # the field is section.name (or a top-level name); deeper parts are list indexes or
+        # mapping keys inside its value
+        field = ".".join(loc[:2]) if loc[0] in SECTIONS and len(loc) > 1 else loc[0]
+        if item["type"] == "extra_forbidden":
+            section = ".".join(loc[:-1])
+            model = _section_model(section)
+            valid = ", ".join(sorted(model.model_fields)) if model else ""
+            problems.append(
+                f"{where}: unknown config field {field!r}; valid in {section or '<root>'}: {valid}"
+            )
+            continue
+        label = labels.get(field, where)
+        problems.append(f"{label}: {field} = {item['input']!r}: {_allowed(item)}")
+    return problems
+
+
+class Config(Section):
+    weights: Text | None = None
+    preset: Text = "default"
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    interpolation: InterpolationConfig = Field(default_factory=InterpolationConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Config:
-        return _build(cls, data, "")
+    def from_dict(
+        cls, data: dict[str, Any], *, where: str = "config", labels: dict[str, str] | None = None
+    ) -> Config:
+        """Validate ``data``; ``where`` names its origin in errors, ``labels`` a better name
+        for single fields (e.g. the CLI flag that set it)."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                [f"{where}: must be a mapping of sections, got {type(data).__name__}"]
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise ConfigError(_problems(error, where, labels or {})) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return cls.from_dict(data)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError([f"{path}: not valid YAML ({error})"]) from None
+        return cls.from_dict(data, where=str(path))
 
     @classmethod
     def preset_named(cls, name: str) -> Config:
         path = PRESET_DIR / f"{name}.yaml"
         if not path.is_file():
             valid = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(valid)}")
+            raise ConfigError([f"unknown preset {name!r}; valid: {', '.join(valid)}"])
         return cls.from_yaml(path)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = self.model_dump()
         data["interpolation"]["slerp_t"] = list(data["interpolation"]["slerp_t"])
         return data
 
-    def override(self, dotted: dict[str, Any]) -> Config:
-        """A copy with ``{"generation.steps": 20, ...}`` applied (None values ignored)."""
+    def override(
+        self,
+        dotted: dict[str, Any],
+        *,
+        where: str = "override",
+        labels: dict[str, str] | None = None,
+    ) -> Config:
+        """A copy with ``{"generation.steps": 20, ...}`` applied (None values ignored);
+        ``labels`` maps a dotted field to the name its value came in under (a CLI flag)."""
         data = self.to_dict()
         for key, value in dotted.items():
             if value is None:
@@ -168,66 +281,32 @@ class Config:
             *parents, leaf = key.split(".")
             for part in parents:
                 if part not in node or not isinstance(node[part], dict):
-                    raise ValueError(f"unknown config field {key!r}")
+                    raise ConfigError([f"{where}: unknown config field {key!r}"])
                 node = node[part]
             if leaf not in node:
-                raise ValueError(f"unknown config field {key!r}")
+                model = _section_model(".".join(parents))
+                valid = ", ".join(sorted(model.model_fields)) if model else ""
+                raise ConfigError(
+                    [
+                        f"{where}: unknown config field {key!r}; valid in {'.'.join(parents) or '<root>'}: {valid}"
+                    ]
+                )
             node[leaf] = value
-        return Config.from_dict(data)
+        return Config.from_dict(data, where=where, labels=labels)
 
-    # -- validation --------------------------------------------------------------------------
+    # -- rules across fields -----------------------------------------------------------------
 
     def validate(self) -> Config:
-        _choice("generation.sampler", self.generation.sampler, SAMPLERS)
-        _choice("generation.dtype", self.generation.dtype, DTYPES)
-        _choice("shift.method", self.shift.method, SHIFT_METHODS)
-        _choice("shift.positions", self.shift.positions, SHIFT_POSITIONS)
-        _choice("filter.fallback", self.filter.fallback, FALLBACKS)
-        _choice("run.runner", self.run.runner, RUNNERS)
-        for fmt in self.output.formats:
-            _choice("output.formats", fmt, FORMATS)
-        if "imagefolder" not in self.output.formats:
-            raise ValueError(
-                "output.formats must include 'imagefolder': the per-shard image store the "
-                f"other formats are assembled from (got {self.output.formats})"
+        formats = self.output.formats
+        if "imagefolder" not in formats:
+            raise ConfigError(
+                [
+                    "output.formats must include 'imagefolder': the per-shard image store the "
+                    f"other formats are assembled from (got {formats})"
+                ]
             )
-        if len(set(self.output.formats)) != len(self.output.formats):
-            raise ValueError(f"output.formats has duplicates: {self.output.formats}")
-        _positive("interpolation.outputs_per_identity", self.interpolation.outputs_per_identity)
-        _positive("generation.steps", self.generation.steps)
-        _positive("generation.batch_size", self.generation.batch_size)
-        _positive("filter.max_attempts", self.filter.max_attempts)
-        _positive("output.shard_size", self.output.shard_size)
-        _positive("source.min_images", self.source.min_images)
-        _positive("run.torch_threads", self.run.torch_threads)
-        if not 1 <= self.output.jpeg_quality <= 100:
-            raise ValueError(
-                f"output.jpeg_quality must be in 1..100, got {self.output.jpeg_quality}"
-            )
-        if not math.isfinite(self.generation.guidance) or self.generation.guidance < 1:
-            raise ValueError(f"generation.guidance must be >= 1, got {self.generation.guidance}")
-        if not math.isfinite(self.filter.threshold) or not -1 <= self.filter.threshold <= 1:
-            raise ValueError(
-                f"filter.threshold must be a cosine in [-1, 1], got {self.filter.threshold}"
-            )
-        mix = self.interpolation.mix
-        for kind, share in mix.items():
-            _choice("interpolation.mix", kind, INTERP_KINDS)
-            if not (math.isfinite(share) and share >= 0):
-                raise ValueError(f"interpolation.mix[{kind!r}] must be >= 0, got {share}")
-        if sum(mix.values()) <= 0:
-            raise ValueError("interpolation.mix must give some kind a positive share")
-        lo, hi = self.interpolation.slerp_t
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(
-                f"interpolation.slerp_t must satisfy 0 <= lo <= hi <= 1, got {(lo, hi)}"
-            )
-        if self.interpolation.dirichlet_concentration <= 0:
-            raise ValueError("interpolation.dirichlet_concentration must be > 0")
-        if self.interpolation.dirichlet_sources < 2:
-            raise ValueError("interpolation.dirichlet_sources must be >= 2")
-        if not math.isfinite(self.shift.alpha) or self.shift.alpha < 0:
-            raise ValueError(f"shift.alpha must be a finite number >= 0, got {self.shift.alpha}")
+        if len(set(formats)) != len(formats):
+            raise ConfigError([f"output.formats has duplicates: {formats}"])
         if self.shift.enabled:
             missing = [
                 name
@@ -235,19 +314,35 @@ class Config:
                 if getattr(self.shift, name) is None
             ]
             if missing:
-                raise ValueError(
-                    f"shift.method={self.shift.method} needs {' and '.join('shift.' + m for m in missing)}: "
-                    "compute them with `digi2real stats real SRC --out real.stats` and "
-                    "`digi2real stats synthetic SRC --out synth.stats` (see docs/domain-shift.md)"
+                raise ConfigError(
+                    [
+                        f"shift.method={self.shift.method} needs "
+                        f"{' and '.join('shift.' + m for m in missing)}: compute them with "
+                        "`digi2real stats real SRC --out real.stats` and `digi2real stats "
+                        "synthetic SRC --out synth.stats` (see docs/domain-shift.md)"
+                    ]
                 )
         if self.shift.required and not self.shift.enabled:
-            raise ValueError(
-                f"preset {self.preset!r} requires the domain shift (shift.required): set "
-                "shift.real_stats and shift.synthetic_stats (compute them with `digi2real stats "
-                "real SRC --out real.stats` / `digi2real stats synthetic SRC --out synth.stats`, "
-                "see docs/domain-shift.md), or pass --no-shift to run without it"
+            raise ConfigError(
+                [
+                    f"preset {self.preset!r} requires the domain shift (shift.required): set "
+                    "shift.real_stats and shift.synthetic_stats (compute them with `digi2real "
+                    "stats real SRC --out real.stats` / `digi2real stats synthetic SRC --out "
+                    "synth.stats`, see docs/domain-shift.md), or pass --no-shift to run without it"
+                ]
             )
         return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: info.annotation  # type: ignore[misc]
+    for name, info in Config.model_fields.items()
+    if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
+}
+
+
+def _section_model(section: str) -> type[Section] | None:
+    return Config if section == "" else SECTIONS.get(section)
 
 
 # How and where a run executed: recorded in config.yaml's environment section, not its
@@ -349,39 +444,3 @@ def output_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in keys
         if k not in FREE_FIELDS and old.get(k) != new.get(k)
     ]
-
-
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}"
-        )
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(
-            f"unknown config field(s) {', '.join(where + u for u in unknown)}; "
-            f"valid in {where or '<root>'}: {', '.join(sorted(known))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        default = getattr(cls(), name) if name in known else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, f"{where}{name}.")
-        elif name == "slerp_t":
-            kwargs[name] = tuple(float(v) for v in value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[name] = float(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)

@@ -1,7 +1,16 @@
-"""Where torch work runs: the device names of the config, their dtype, and thread counts."""
+"""Where torch work runs: the device names of the config, their dtype, and thread counts.
+
+The thread rule is the same from the CLI and from Python: torch runs ``run.torch_threads``
+intra-op threads per worker (default 1, ``--threads N``), because CPU kernels split their
+work by thread count and the output bytes must not depend on the host. A worker process sets
+it for its lifetime; an in-process run (``digi2real convert``, ``Digi2Real.convert`` and
+``.augment``) sets it for the call and restores the caller's count afterwards.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,3 +68,17 @@ def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """:func:`set_threads` for the duration of a call, then the caller's count again (the
+    Python API runs inside someone else's process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,10 +1,12 @@
 """Start-up check of the install: exactly one onnxruntime and one OpenCV distribution.
 
-insightface declares ``onnxruntime`` and ``opencv-python``; digi2real uses
-``onnxruntime-gpu`` and ``opencv-python-headless``. Each pair installs into the same module
-folder, so with both present whichever was installed last silently wins (and uninstalling
-one breaks the other). pyproject alone cannot prevent it; the set-up installs insightface
-without its dependencies, and this check says how to repair a clash.
+insightface declares ``onnxruntime`` and ``opencv-python``, and that is what
+``requirements.lock`` installs (the CPU default; ``pip check`` is clean). A CUDA host swaps
+in ``onnxruntime-gpu``, a host without libGL ``opencv-python-headless`` (README "Install",
+``scripts/setup_env.sh``). Each pair installs into the same module folder, so with both present
+whichever was installed last silently wins (and uninstalling one breaks the other): nothing in
+packaging metadata prevents it (installing insightface with its requirements after a swap
+brings the twin back), so this check refuses it and says how to repair it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ OPENCV = (
     "opencv-contrib-python",
     "opencv-contrib-python-headless",
 )
-WANTED = {"onnxruntime": "onnxruntime-gpu", "opencv": "opencv-python-headless"}
+# What requirements.lock installs: the distributions insightface declares.
+DEFAULT = {"onnxruntime": "onnxruntime", "opencv": "opencv-python"}
+ALTERNATIVE = {"onnxruntime": "onnxruntime-gpu on a CUDA host", "opencv": "opencv-python-headless"}
 
 
 class EnvironmentClashError(RuntimeError):
@@ -43,18 +47,21 @@ def problems() -> list[str]:
     out = []
     for family, names in (("onnxruntime", ONNXRUNTIME), ("opencv", OPENCV)):
         found = installed(names)
-        wanted = WANTED[family]
+        default = DEFAULT[family]
         if len(found) > 1:
-            others = " ".join(n for n in found if n != wanted)
-            version = md.version(wanted) if wanted in found else ""
-            pin = f"=={version}" if version else ""
+            # keep the one swapped in on purpose (the default came back beside it)
+            keep = next(n for n in found if n != default)
             out.append(
                 f"{len(found)} {family} distributions are installed ({', '.join(found)}); they "
-                f"share one module folder and the last installed wins. Fix: `pip uninstall -y "
-                f"{others} {wanted} && pip install --no-deps {wanted}{pin}`"
+                "share one module folder and the last installed wins. Keep one: `pip uninstall "
+                f"-y {' '.join(found)} && pip install --no-deps {keep}=={md.version(keep)}` "
+                f"(or reinstall {default} instead; README's Install section)"
             )
         elif not found:
-            out.append(f"no {family} distribution installed: `pip install {wanted}`")
+            out.append(
+                f"no {family} distribution installed: `pip install {default}` "
+                f"(or {ALTERNATIVE[family]}; README's Install section)"
+            )
     return out
 
 

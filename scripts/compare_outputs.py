@@ -70,11 +70,12 @@ def run_version(tree: Path, work: Path, weights: Path) -> dict[str, Path]:
     """The conversions of one version; returns {name: OUT}."""
     sample = sample_root(tree)
     work.mkdir(parents=True, exist_ok=True)
-    common = ["--weights", str(weights), "--preset", "tiny", "--seed", "7"]
+    model = ["--weights", str(weights), "--preset", "tiny"]
+    common = [*model, "--seed", "7"]
     stats = {}
     for kind in ("synthetic", "real"):
         stats[kind] = work / f"{kind}.stats"
-        digi2real(tree, "stats", kind, str(sample), "--out", str(stats[kind]), *common)
+        digi2real(tree, "stats", kind, str(sample), "--out", str(stats[kind]), *model)
     outs = {"formats": work / "formats", "shift": work / "shift"}
     config = yaml.safe_load((tree / "digi2real" / "configs" / "tiny.yaml").read_text())
     config["output"].update(formats=["imagefolder", "webdataset", "recordio"], keep_original=True)
@@ -132,15 +133,17 @@ def compare_files(base: Path, head: Path, label: str) -> list[str]:
     return problems
 
 
-def compare_table(base: Path, head: Path, label: str) -> list[str]:
+def compare_table(
+    base: Path, head: Path, label: str, ignored: tuple[str, ...] = IGNORED_COLUMNS
+) -> list[str]:
     import pyarrow.parquet as pq
 
     if not base.is_file() or not head.is_file():
         return [f"{label}: missing in {'base' if not base.is_file() else 'head'}"]
     old, new = pq.read_table(base), pq.read_table(head)
     problems = []
-    old_cols = [c for c in old.column_names if c not in IGNORED_COLUMNS]
-    new_cols = [c for c in new.column_names if c not in IGNORED_COLUMNS]
+    old_cols = [c for c in old.column_names if c not in ignored]
+    new_cols = [c for c in new.column_names if c not in ignored]
     if old_cols != new_cols:
         problems.append(f"{label}: columns {old_cols} -> {new_cols}")
     for column in sorted(set(old_cols) & set(new_cols)):
@@ -174,7 +177,9 @@ def compare_json(base: Path, head: Path, label: str) -> list[str]:
     return [] if old == new else [f"{label}: differs"]
 
 
-def compare(base: dict[str, Path], head: dict[str, Path]) -> list[str]:
+def compare(
+    base: dict[str, Path], head: dict[str, Path], ignored: tuple[str, ...] = IGNORED_COLUMNS
+) -> list[str]:
     problems = []
     for kind in ("stats_real", "stats_synthetic"):
         problems += compare_stats(base[kind], head[kind], kind)
@@ -182,7 +187,9 @@ def compare(base: dict[str, Path], head: dict[str, Path]) -> list[str]:
         for folder in BYTE_FOLDERS:
             problems += compare_files(base[name] / folder, head[name] / folder, f"{name}/{folder}")
         for table in TABLES:
-            problems += compare_table(base[name] / table, head[name] / table, f"{name}/{table}")
+            problems += compare_table(
+                base[name] / table, head[name] / table, f"{name}/{table}", ignored
+            )
         problems += compare_files(
             base[name] / "labels.csv", head[name] / "labels.csv", f"{name}/labels.csv"
         )
@@ -208,6 +215,11 @@ def main() -> int:
     parser.add_argument("base", help="the base commit (e.g. 2606f0a)")
     parser.add_argument("--head", help="a commit to compare (default: the working tree)")
     parser.add_argument("--keep", type=Path, help="keep the outputs in this folder")
+    parser.add_argument(
+        "--ignore-columns",
+        default="",
+        help="comma list of table columns a change adds or removes on purpose",
+    )
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="digi2real-compare-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -217,7 +229,8 @@ def main() -> int:
     digi2real(head_tree, "weights", "tiny", "--dir", str(weights))
     base_outs = run_version(base_tree, work / "base", weights)
     head_outs = run_version(head_tree, work / "head", weights)
-    problems = compare(base_outs, head_outs)
+    ignored = IGNORED_COLUMNS + tuple(c for c in args.ignore_columns.split(",") if c)
+    problems = compare(base_outs, head_outs, ignored)
     print(f"base {args.base}: {summary(base_outs)}")
     print(f"head {args.head or 'working tree'}: {summary(head_outs)}")
     if problems:

@@ -251,3 +251,27 @@ def assert_consistent(out: Path) -> None:
     assert files == set(paths)
     assert sorted({row["label"] for row in rows}) == list(range(len({r["identity"] for r in rows})))
     assert temp_files(out) == []
+
+
+def start_cli(
+    argv: list[str], *, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``digi2real ARGV`` started as :func:`cli` runs it, its output going to ``log``; the
+    caller waits for it (and kills its process group if the test fails first)."""
+    with open(log, "wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "digi2real.cli", *argv],
+            env={**os.environ, **(env or {})},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+
+def stop_cli(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a :func:`start_cli` run's process group if it still runs."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

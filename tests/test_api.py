@@ -86,3 +86,70 @@ def test_convert_from_the_api_reuses_the_loaded_models(d2r, sample_dataset, tmp_
     # a model-side change cannot reuse it: a fresh engine is built (here: refused by the patch)
     with pytest.raises(Exception, match="reused"):
         d2r.convert(sample_dataset, tmp_path / "out2", progress=False, **{"generation.steps": 4})
+
+
+def test_from_pretrained_as_diffusers_users_expect(tiny_weights, sample_dataset):
+    import torch
+
+    from digi2real.config import ConfigError
+
+    d2r = Digi2Real.from_pretrained(
+        tiny_weights.root,
+        device=torch.device("cpu"),
+        torch_dtype=torch.bfloat16,
+        overrides={"generation.steps": 2, "filter.max_attempts": 1},
+    )
+    assert d2r.config.generation.dtype == "bfloat16" and d2r.config.generation.steps == 2
+    assert d2r.config.run.device == "cpu" and d2r.device == "cpu"
+    assert d2r.engine.dtype == "float32"  # CPU runs in float32 whatever the preset asks
+    with pytest.raises(ConfigError, match=r"generation.steps = '2': must be an integer"):
+        Digi2Real.from_pretrained(tiny_weights.root, overrides={"generation.steps": "2"})
+    with pytest.raises(ConfigError, match="generation.dtype = 'float8'"):
+        Digi2Real.from_pretrained(tiny_weights.root, torch_dtype="float8")
+
+
+def test_to_moves_every_model_and_returns_self(tiny_weights, sample_dataset):
+    d2r = Digi2Real.from_pretrained(tiny_weights.root, overrides={"generation.steps": 2})
+    before = d2r.augment(sample_dataset / "1", num_images=2, seed=3)
+    assert d2r.to("cpu") is d2r
+    assert d2r.config.run.device == "cpu"
+    for module in (d2r.engine.generator.unet, d2r.engine.generator.vae):
+        assert next(module.parameters()).device.type == "cpu"
+    assert d2r.engine.embedder.providers == ["CPUExecutionProvider"]
+    after = d2r.augment(sample_dataset / "1", num_images=2, seed=3)
+    assert all(
+        np.array_equal(a.image, b.image) for a, b in zip(before.images, after.images, strict=True)
+    )
+
+
+def test_threads_follow_the_config_and_the_callers_count_comes_back(d2r, sample_dataset):
+    import torch
+
+    seen = []
+    original = d2r.engine.generate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    torch.set_num_threads(2)
+    d2r.engine.generate = spy
+    try:
+        d2r.augment(sample_dataset / "1", num_images=1, seed=0)
+    finally:
+        del d2r.engine.generate
+    assert seen and set(seen) == {d2r.config.run.torch_threads}
+    assert torch.get_num_threads() == 2
+
+
+def test_augment_with_init_strength_starts_from_the_given_images(d2r, sample_dataset):
+    result = d2r.augment(sample_dataset / "2", num_images=3, seed=4, init_strength=0.5)
+    assert result.images
+    for item in result.images:
+        meta = item.metadata
+        assert meta["init_strength"] == 0.5 and meta["init_path"] in meta["source_paths"]
+    plain = d2r.augment(sample_dataset / "2", num_images=3, seed=4)
+    assert all(item.metadata["init_path"] is None for item in plain.images)
+    assert not np.array_equal(result.images[0].image, plain.images[0].image)
+    with pytest.raises(ValueError, match="pass images, not embeddings"):
+        d2r.augment(unit_rows(3, 16), num_images=2, init_strength=0.5)

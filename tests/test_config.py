@@ -34,12 +34,12 @@ def test_paper_preset_requires_stats_with_a_how_to():
         ({"output.formats": ["webdataset"]}, "must include 'imagefolder'"),
         (
             {"output.formats": ["imagefolder", "tfrecord"]},
-            "valid: imagefolder, webdataset, recordio",
+            "output.formats = 'tfrecord': must be one of: 'imagefolder', 'webdataset' or",
         ),
-        ({"generation.dtype": "float8"}, "unknown generation.dtype"),
-        ({"filter.threshold": 2.0}, "cosine"),
-        ({"generation.steps": 0}, "positive integer"),
-        ({"shift.alpha": -1.0}, "alpha"),
+        ({"generation.dtype": "float8"}, "generation.dtype = 'float8': must be one of"),
+        ({"filter.threshold": 2.0}, r"filter.threshold = 2.0: must be <= 1"),
+        ({"generation.steps": 0}, "generation.steps = 0: must be >= 1"),
+        ({"shift.alpha": -1.0}, "shift.alpha = -1.0: must be >= 0"),
     ],
 )
 def test_validation_names_the_value(override, match):
@@ -71,3 +71,66 @@ def test_yaml_roundtrip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     assert Config.from_yaml(path) == config
+
+
+# -- typed values: every way a value can be wrong names the field, the value and what is allowed
+
+
+BAD_VALUES = [
+    ("generation", "guidance", "3", "must be a number"),
+    ("generation", "channels_last", "no", "must be true or false"),
+    ("output", "formats", "imagefolder", "must be a list"),
+    ("generation", "steps", -4, "must be >= 1"),
+    ("generation", "steps", 2.5, "must be an integer"),
+    ("generation", "batch_size", True, "must be an integer"),
+    ("shift", "alpha", float("nan"), "must be a finite number"),
+    ("filter", "threshold", float("inf"), "must be a finite number"),
+    ("interpolation", "slerp_t", [0.9, 0.1], "lo <= hi"),
+    ("interpolation", "mix", {"source": 0.0, "slerp": 0.0}, "positive share"),
+    ("interpolation", "mix", {"nope": 1.0}, "must be one of"),
+    ("report", "mean", [127.5, 127.5], "must have 3 items"),
+    ("output", "jpeg_quality", 101, "must be <= 100"),
+    ("run", "runner", "spark", "must be one of: 'local' or 'ray'"),
+    ("source", "identities", 3, "must be text"),
+]
+
+
+@pytest.mark.parametrize("section, field, value, allowed", BAD_VALUES)
+def test_bad_yaml_value_names_file_field_value_and_what_is_allowed(
+    tmp_path, section, field, value, allowed
+):
+    import yaml
+
+    from digi2real.config import ConfigError
+
+    data = Config.preset_named("tiny").to_dict()
+    data[section][field] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    message = str(info.value)
+    assert str(path) in message and f"{section}.{field} = " in message and allowed in message
+
+
+def test_python_overrides_are_checked_the_same_way():
+    from digi2real.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generation.guidance = '3': must be a number"):
+        Config().override({"generation.guidance": "3"})
+    with pytest.raises(ConfigError, match=r"--steps: generation.steps = -1"):
+        Config().override({"generation.steps": -1}, labels={"generation.steps": "--steps"})
+
+
+def test_unknown_preset_is_a_config_error():
+    from digi2real.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown preset 'paper'; valid: default"):
+        Config.preset_named("paper")
+
+
+def test_defaults_survive_the_round_trip_unchanged():
+    for name in ("default", "fast", "tiny"):
+        config = Config.preset_named(name)
+        assert Config.from_dict(config.to_dict()) == config
+        assert isinstance(config.generation.guidance, float)

@@ -3,8 +3,6 @@ OOM halving, torch.compile plumbing."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -127,8 +125,10 @@ def test_channels_last_follows_the_config_and_sdpa_is_used(engine, tiny_weights,
 
 
 def test_overlap_config_default_is_on(engine):
-    generation = dataclasses.asdict(engine.config.generation)
-    assert engine.overlap is generation.get("overlap", True)
+    from digi2real.config import GenerationConfig
+
+    assert GenerationConfig().overlap is True
+    assert engine.overlap is engine.config.generation.overlap
 
 
 def test_accepted_images_are_written_while_the_next_batch_diffuses(

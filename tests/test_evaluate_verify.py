@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import builtins
 import collections
 import io
 import json
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from digi2real.cli import main
 from digi2real.evaluate.backbones import get_backbone
+from digi2real.evaluate.bins import ALLOWED_GLOBALS, decode_images
 from digi2real.evaluate.verify import (
     THRESHOLDS,
     OnnxEmbedder,
@@ -20,8 +24,10 @@ from digi2real.evaluate.verify import (
     fold_accuracies,
     load_backbone,
     load_bin,
+    recognizer_spec,
     verify,
 )
+from digi2real.weights.face_config import RecognizerSpec
 
 NUM_IDENTITIES = 20
 
@@ -189,55 +195,178 @@ def test_trained_backbone_file_is_an_embedder(tmp_path: Path) -> None:
         assert torch.equal(loaded(x), model(x))
 
 
-def test_onnx_recognizer(tmp_path: Path) -> None:
+def linear_onnx(path: Path, weight: np.ndarray, size: int = 112) -> Path:
+    """A recognizer ``flatten(NCHW input) @ weight``, the input side ``size``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    weight = rng.normal(size=(3 * 112 * 112, 8)).astype(np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("Flatten", ["data"], ["flat"], axis=1),
             helper.make_node("MatMul", ["flat", "w"], ["embedding"]),
         ],
         "linear",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 8])],
-        [numpy_helper.from_array(weight, "w")],
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", weight.shape[1]])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    path = tmp_path / "linear.onnx"
     onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_recognizer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(3 * 112 * 112, 8)).astype(np.float32)
+    path = linear_onnx(tmp_path / "linear.onnx", weight)
     images = rng.integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
     embedder = OnnxEmbedder(path, batch_size=2)
     blob = ((images.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2).reshape(3, -1)
     np.testing.assert_allclose(embedder(images), blob @ weight, rtol=1e-4, atol=1e-2)
 
 
-class _Marker:
-    def __init__(self, target: str) -> None:
-        self.target = target
+class _Call:
+    """Pickles as a call of ``function(*args)``: what a hostile ``.bin`` would hold."""
+
+    def __init__(self, function: object, *args: object) -> None:
+        self.call = (function, args)
 
     def __reduce__(self) -> tuple:
-        return (os.mkdir, (self.target,))
+        return self.call
+
+
+def _sentinel_payloads(tmp: Path) -> dict[str, object]:
+    pwned = tmp / "pwned"
+    return {
+        "os-system": ([b"a", _Call(os.system, f"touch {pwned}")], [True]),
+        "eval": ([b"a", b"b"], [_Call(builtins.eval, f"open({str(pwned)!r}, 'w')")]),
+        "mkdir": ([b"a", _Call(os.mkdir, str(pwned))], [True]),
+        # a known global with a hostile argument: the stand-in refuses it too
+        "codecs": ([_Call(__import__("_codecs").encode, str(pwned), "rot13"), b"b"], [True]),
+        "class": (collections.OrderedDict, [True]),
+        "builtin-function": (print, [True]),
+        # issame as an object array: the objects would be built after the dtype is refused
+        "object-array": ([b"a", b"b"], np.array([_Call(os.mkdir, str(pwned))], dtype=object)),
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("kind", list(_sentinel_payloads(Path("."))))
+def test_pickles_with_globals_are_refused_unexecuted(
+    tmp_path: Path, kind: str, protocol: int
+) -> None:
+    path = write_bin(tmp_path / "evil.bin", _sentinel_payloads(tmp_path)[kind], protocol)
+    with pytest.raises(ValueError, match="evil.bin: not a plain .*refusing") as info:
+        load_bin(path)
+    assert "a .bin may hold only" in str(info.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Reduce:
+    """Pickles as whatever ``__reduce__`` tuple it is given."""
+
+    def __init__(self, *reduced: object) -> None:
+        self.reduced = reduced
+
+    def __reduce__(self) -> tuple:
+        return self.reduced
+
+
+_RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]
+_U1_STATE = (3, "|", None, None, None, -1, -1, 0)
 
 
 @pytest.mark.parametrize(
-    "payload",
+    ("item", "message"),
     [
-        pytest.param(lambda tmp: (collections.OrderedDict, [True]), id="class"),
-        pytest.param(lambda tmp: ([np.zeros(3)], [True]), id="numpy-array"),
-        pytest.param(lambda tmp: ([b"a", b"b"], [np.bool_(True)]), id="numpy-bool"),
-        pytest.param(lambda tmp: ([b"a", _Marker(str(tmp / "pwned"))], [True]), id="function"),
-        pytest.param(lambda tmp: (print, [True]), id="builtin-function"),
+        (_Reduce(np.ndarray, ((10**12,), "u1")), "not callable"),
+        (_Reduce(np.dtype, ("O", False, True)), "dtype 'O'"),
+        (_Reduce(_RECONSTRUCT, (np.ndarray, (10**9,), b"b")), "_reconstruct"),
+        (_Reduce(_RECONSTRUCT, (np.dtype, (0,), b"b")), "_reconstruct"),
+        # a uint8 dtype whose state would make it a structured one
+        (_Reduce(np.dtype, ("u1", False, True), (3, "|", None, ("a",), {}, 1, 1, 0)), "state"),
+        # array data that does not fill its shape
+        (
+            _Reduce(
+                _RECONSTRUCT,
+                (np.ndarray, (0,), b"b"),
+                (1, (112, 112, 3), _Reduce(np.dtype, ("u1", False, True), _U1_STATE), False, b"x"),
+            ),
+            "reshape",
+        ),
+        (
+            _Reduce(
+                _RECONSTRUCT,
+                (np.ndarray, (0,), b"b"),
+                (1, (1,), _Reduce(np.dtype, ("u1", False, True), _U1_STATE), False, [b"x"]),
+            ),
+            "numpy array data of type list",
+        ),
     ],
 )
-def test_pickles_with_globals_are_refused_unexecuted(tmp_path: Path, payload) -> None:
-    path = write_bin(tmp_path / "evil.bin", payload(tmp_path))
-    with pytest.raises(ValueError, match="evil.bin"):
+def test_allowed_globals_with_hostile_arguments_are_refused(
+    tmp_path: Path, item: object, message: str
+) -> None:
+    path = write_bin(tmp_path / "evil.bin", ([item, b"b"], [True]))
+    with pytest.raises(ValueError, match=message):
         load_bin(path)
+
+
+def test_hostile_bin_through_the_cli_runs_nothing(tmp_path: Path, capsys) -> None:
+    model = linear_onnx(tmp_path / "m.onnx", np.ones((3 * 112 * 112, 4)))
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    write_bin(bins / "lfw.bin", _sentinel_payloads(tmp_path)["os-system"])
+    assert main(["evaluate", "verify", str(model), "--bins", str(bins), "--names", "lfw"]) == 2
+    error = capsys.readouterr().err
+    assert "lfw.bin: not a plain (images, issame) pickle: refusing to load global" in error
+    assert f"{os.system.__module__}.system" in error  # posix.system on Linux
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_allow_list_is_exactly_numpy_array_rebuilding_and_latin1_bytes() -> None:
+    assert set(ALLOWED_GLOBALS) == {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+    # each maps to a stand-in of this package, never to the numpy/codecs object it names
+    assert all(
+        getattr(value, "__module__", "").startswith("digi2real.")
+        or type(value).__module__.startswith("digi2real.")
+        for value in ALLOWED_GLOBALS.values()
+    )
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (([np.zeros((112, 112, 3)), np.zeros((112, 112, 3))], [True]), "dtype 'f8'"),
+        (([b"a", b"b"], np.array([None], dtype=object)), "dtype 'O8'"),
+        (([b"a", b"b"], np.array([1])), "dtype 'i8'"),
+        (([np.zeros((2, 3), np.float32), b"b"], [True]), "dtype 'f4'"),
+        (([b"a", b"b"], [np.int64(1)]), "dtype 'i8'"),
+        (([np.zeros((112, 112), np.uint8), b"b"], [True]), r"shape \(112, 112\)"),
+        (([np.zeros((112, 112, 4), np.uint8), b"b"], [True]), r"shape \(112, 112, 4\)"),
+        (([b"a", b"b"], np.array([[True]])), r"bool array of shape \(1, 1\)"),
+        (([b"a", b"b"], [np.uint8(1)]), "numpy scalar of uint8"),
+    ],
+)
+def test_arrays_of_other_dtypes_or_shapes_are_refused(
+    tmp_path: Path, payload: object, message: str, protocol: int
+) -> None:
+    path = write_bin(tmp_path / "bad.bin", payload, protocol)
+    with pytest.raises(ValueError, match=message) as info:
+        load_bin(path)
+    assert "bad.bin" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -264,10 +393,274 @@ def test_python2_and_protocol2_pickles(tmp_path: Path) -> None:
     py2 = b"\x80\x02]q\x00(U\x03abcq\x01U\x03defq\x02e]q\x03\x88a\x86q\x04."
     (tmp_path / "py2.bin").write_bytes(py2)
     assert load_bin(tmp_path / "py2.bin") == ([b"abc", b"def"], [True])
-    # Python 3 bytes under protocol 2 are a call to _codecs.encode: refused, documented.
-    path = write_bin(tmp_path / "p2.bin", ([b"a", b"b"], [True]), protocol=2)
-    with pytest.raises(ValueError, match="_codecs"):
-        load_bin(path)
-    for protocol in (3, 4, 5):
-        path = write_bin(tmp_path / f"p{protocol}.bin", ([b"a", b"b"], [False]), protocol)
-        assert load_bin(path) == ([b"a", b"b"], [False])
+    # Python 3 bytes under protocol 0-2 are pickled as _codecs.encode(text, "latin1")
+    for protocol in (0, 1, 2, 3, 4, 5):
+        path = write_bin(tmp_path / f"p{protocol}.bin", ([b"a", b"\xff"], [False]), protocol)
+        assert load_bin(path) == ([b"a", b"\xff"], [False])
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes what Python 2 + numpy 1.x wrote with protocol 2: every str/bytes as a Python 2
+    ``str`` (BINSTRING, read back as bytes under ``encoding="bytes"``, no ``_codecs``), and
+    numpy's functions under ``numpy.core``."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: str | bytes) -> None:
+        data = obj if isinstance(obj, bytes) else obj.encode("latin-1")
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        module = str(getattr(obj, "__module__", None)).replace("numpy._core", "numpy.core")
+        name = name or obj.__qualname__  # type: ignore[attr-defined]
+        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """Writes what Python 3 + numpy 1.x wrote (protocol 4): numpy's functions under
+    ``numpy.core``, as in insightface's ``small_lfw.bin``."""
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        module = str(getattr(obj, "__module__", None)).replace("numpy._core", "numpy.core")
+        self.save(module)
+        self.save(name or obj.__qualname__)  # type: ignore[attr-defined]
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
+
+
+def write_numpy1_bin(path: Path, payload: object) -> Path:
+    buffer = io.BytesIO()
+    _Numpy1Pickler(buffer, protocol=4).dump(payload)
+    assert b"numpy.core" in buffer.getvalue() and b"numpy._core" not in buffer.getvalue()
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def write_py2_bin(path: Path, payload: object) -> Path:
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(payload)
+    data = buffer.getvalue()
+    assert b"_codecs" not in data and b"numpy._core" not in data  # as Python 2 wrote them
+    path.write_bytes(data)
+    return path
+
+
+def coded_images(identities: list[int]) -> list[np.ndarray]:
+    """Decoded 112x112 RGB images that :func:`identity_embedder` maps back to identities."""
+    return [
+        np.asarray(Image.open(io.BytesIO(encode_identity(i))).convert("RGB")) for i in identities
+    ]
+
+
+def pair_identities(num_pairs: int, seed: int) -> tuple[list[int], list[bool]]:
+    rng = np.random.default_rng(seed)
+    identities, issame = [], []
+    for pair in range(num_pairs):
+        first = int(rng.integers(NUM_IDENTITIES))
+        same = pair % 2 == 0
+        second = first if same else int((first + rng.integers(1, NUM_IDENTITIES)) % NUM_IDENTITIES)
+        identities += [first, second]
+        issame.append(same)
+    return identities, issame
+
+
+def bin_forms(num_pairs: int) -> dict[str, tuple[object, int | str]]:
+    """(payload, pickle protocol or writer) for each shape insightface's tools write."""
+    identities, issame = pair_identities(num_pairs, seed=7)
+    encoded = [encode_identity(i) for i in identities]
+    as_arrays = [np.frombuffer(data, dtype=np.uint8) for data in encoded]  # small_lfw.bin
+    decoded = coded_images(identities)
+    flags = np.array(issame, dtype=bool)
+    return {
+        "bytes-list-p4": ((encoded, issame), 4),
+        "encoded-arrays-p4": ((as_arrays, issame), 4),
+        "encoded-arrays-numpy-bools-p2": ((as_arrays, [np.bool_(x) for x in issame]), 2),
+        "decoded-arrays-bool-array-p4": ((decoded, flags), 4),
+        "decoded-arrays-bool-array-p5": ((decoded, flags), 5),
+        "decoded-arrays-bool-array-p2": ((decoded, flags), 2),
+        "fortran-arrays-p4": (([np.asfortranarray(d) for d in decoded], issame), 4),
+        "numpy1-encoded-arrays": ((as_arrays, issame), "numpy1"),
+        "numpy1-decoded-arrays-bool-array": ((decoded, flags), "numpy1"),
+        "py2-str-images": ((encoded, issame), "py2"),
+        "py2-encoded-arrays": ((as_arrays, flags), "py2"),
+        "py2-decoded-arrays": ((decoded, [np.bool_(x) for x in issame]), "py2"),
+    }
+
+
+@pytest.mark.parametrize("form", list(bin_forms(1)))
+def test_every_bin_form_loads_to_the_same_images(tmp_path: Path, form: str) -> None:
+    payload, protocol = bin_forms(30)[form]
+    path = tmp_path / "lfw.bin"
+    if protocol == "py2":
+        write_py2_bin(path, payload)
+    elif protocol == "numpy1":
+        write_numpy1_bin(path, payload)
+    else:
+        write_bin(path, payload, int(protocol))
+    result = evaluate_bin(path, identity_embedder)
+    assert result.num_pairs == 30 and result.accuracy == 1.0
+    identities, issame = pair_identities(30, seed=7)
+    images, labels = load_bin(path)
+    assert labels == issame and all(type(x) is bool for x in labels)
+    np.testing.assert_array_equal(decode_images(images), np.stack(coded_images(identities)))
+
+
+def test_cli_reads_numpy_array_and_python2_bins(tmp_path: Path, capsys) -> None:
+    """The .bin shapes that used to be refused, through ``digi2real evaluate verify``."""
+    rng = np.random.default_rng(1)
+    model = linear_onnx(tmp_path / "rec.onnx", rng.normal(size=(3 * 112 * 112, 16)))
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    forms = bin_forms(40)
+    write_bin(bins / "lfw.bin", forms["decoded-arrays-bool-array-p4"][0])  # numpy arrays
+    write_numpy1_bin(bins / "cfp_fp.bin", forms["numpy1-encoded-arrays"][0])  # as small_lfw.bin
+    write_py2_bin(bins / "agedb_30.bin", bin_forms(30)["py2-str-images"][0])  # Python 2
+    out = tmp_path / "table.md"
+    argv = ["evaluate", "verify", str(model), "--bins", str(bins), "--out", str(out)]
+    assert main([*argv, "--names", "lfw,cfp_fp,agedb_30"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    pairs = {row["name"]: row["num_pairs"] for row in report["results"]}
+    assert pairs == {"lfw": 40, "cfp_fp": 40, "agedb_30": 30}
+    # same images, same model: the array and the bytes forms give the same accuracy
+    accuracy = {row["name"]: row["accuracy"] for row in report["results"]}
+    assert accuracy["lfw"] == accuracy["cfp_fp"]
+    printed = capsys.readouterr().out
+    assert printed.startswith("| Model | LFW | CFP-FP | AgeDB-30 | Avg |")
+    assert "Preprocessing: RGB 112x112, mean 127.5,127.5,127.5, std 127.5,127.5,127.5" in printed
+    assert report["preprocessing"]["source"] == "default (ArcFace)"
+
+
+def test_onnx_preprocessing_follows_the_spec(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    weight = rng.normal(size=(3 * 112 * 112, 8)).astype(np.float32)
+    path = linear_onnx(tmp_path / "linear.onnx", weight)
+    spec = RecognizerSpec(color="BGR", mean=(10, 20, 30), std=(2, 4, 8))
+    mean, std = np.array([10, 20, 30], np.float32), np.array([2, 4, 8], np.float32)
+    bgr = (images[..., ::-1].astype(np.float32) - mean) / std
+    expected = bgr.transpose(0, 3, 1, 2).reshape(3, -1) @ weight
+    got = OnnxEmbedder(path, spec=spec)(images)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-2)
+    assert not np.allclose(OnnxEmbedder(path)(images), got, atol=1.0)
+    # another input size: the 112x112 images are resized for the model
+    small = linear_onnx(tmp_path / "small.onnx", weight[: 3 * 64 * 64], size=64)
+    resized = np.stack(
+        [np.asarray(Image.fromarray(i).resize((64, 64), Image.BILINEAR)) for i in images]
+    )
+    blob = ((resized.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2).reshape(3, -1)
+    embedder = OnnxEmbedder(small, spec=RecognizerSpec(input_size=64), batch_size=2)
+    np.testing.assert_allclose(embedder(images), blob @ weight[: 3 * 64 * 64], rtol=1e-4, atol=1e-2)
+    with pytest.raises(ValueError, match="small.onnx takes 64x64 input, but the preprocessing"):
+        OnnxEmbedder(small)
+
+
+def write_face_json(path: Path, **recognizer: object) -> Path:
+    path.write_text(json.dumps({"recognizer": recognizer}), encoding="utf-8")
+    return path
+
+
+def test_recognizer_spec_sources_and_precedence(tmp_path: Path) -> None:
+    model = tmp_path / "rec.onnx"
+    spec, source = recognizer_spec(model)
+    assert spec == RecognizerSpec() and source == "default (ArcFace)"
+    beside = write_face_json(tmp_path / "face.json", color="BGR", mean=[0, 0, 0], std=[1, 1, 1])
+    spec, source = recognizer_spec(model)
+    assert (spec.color, spec.mean, spec.std) == ("BGR", (0.0,) * 3, (1.0,) * 3)
+    assert source == f"face.json {beside}"
+    other = write_face_json(tmp_path / "other.json", input_size=128, mean=[1, 2, 3])
+    spec, source = recognizer_spec(model, other)  # given beats beside
+    assert (spec.color, spec.input_size, spec.mean) == ("RGB", 128, (1.0, 2.0, 3.0))
+    spec, source = recognizer_spec(model, other, color="BGR", std=(5, 5, 5))  # flags beat both
+    assert (spec.color, spec.input_size, spec.std) == ("BGR", 128, (5.0,) * 3)
+    assert source == f"face.json {other} + flags --color, --std"
+    with pytest.raises(ValueError, match="color must be one of"):
+        recognizer_spec(model, color="YUV")
+    (tmp_path / "detector.json").write_text('{"detector": {}}', encoding="utf-8")
+    with pytest.raises(ValueError, match="detector.json has no 'recognizer' section"):
+        recognizer_spec(model, tmp_path / "detector.json")
+    with pytest.raises(FileNotFoundError, match="face config not found"):
+        recognizer_spec(model, tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"recognizer": {"colour": "RGB"}}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.json: unknown recognizer keys \['colour'\]"):
+        recognizer_spec(model, tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="applies to .onnx models"):
+        recognizer_spec(tmp_path / "checkpoint.pt", color="BGR")
+
+
+def red_coded_bin(path: Path, num_pairs: int) -> Path:
+    """Identity in the red channel (a noise pattern each); blue is one pattern for all."""
+    rng = np.random.default_rng(3)
+    reds = rng.integers(0, 256, (NUM_IDENTITIES, 112, 112), dtype=np.uint8)
+    blue = rng.integers(0, 256, (112, 112), dtype=np.uint8)
+    identities, issame = pair_identities(num_pairs, seed=4)
+    images = [np.stack([reds[i], np.full_like(blue, 50), blue], axis=-1) for i in identities]
+    return write_bin(path, (images, np.array(issame)))
+
+
+def test_cli_preprocessing_from_face_json_and_flags(tmp_path: Path, capsys) -> None:
+    # the model reads only its first input channel: red under RGB, blue under BGR
+    weight = np.zeros((3 * 112 * 112, 8), dtype=np.float32)
+    weight[: 112 * 112] = np.random.default_rng(5).normal(size=(112 * 112, 8))
+    models = tmp_path / "models"
+    models.mkdir()
+    model = linear_onnx(models / "rec.onnx", weight)
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    red_coded_bin(bins / "lfw.bin", 40)
+    out = tmp_path / "table.md"
+
+    def run(*flags: str) -> dict:
+        argv = ["evaluate", "verify", str(model), "--bins", str(bins), "--names", "lfw"]
+        assert main([*argv, "--out", str(out), *flags]) == 0
+        return json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+
+    default = run()
+    assert default["preprocessing"]["color"] == "RGB"
+    assert default["results"][0]["accuracy"] == 1.0  # the identities are in red
+    beside = write_face_json(models / "face.json", color="BGR", mean=[0, 0, 0], std=[255, 255, 255])
+    from_json = run()
+    assert from_json["preprocessing"] == {
+        "color": "BGR",
+        "input_size": 112,
+        "mean": [0.0, 0.0, 0.0],
+        "std": [255.0, 255.0, 255.0],
+        "source": f"face.json {beside}",
+    }
+    assert from_json["results"][0]["accuracy"] == 0.5  # blue is the same in every image
+    assert "Preprocessing: BGR 112x112, mean 0,0,0, std 255,255,255" in out.read_text("utf-8")
+    overridden = run("--color", "RGB", "--mean", "1,2,3")
+    assert overridden["preprocessing"]["color"] == "RGB"
+    assert overridden["preprocessing"]["mean"] == [1.0, 2.0, 3.0]
+    assert overridden["preprocessing"]["std"] == [255.0] * 3  # the rest from face.json
+    assert overridden["preprocessing"]["source"] == f"face.json {beside} + flags --color, --mean"
+    assert overridden["results"][0]["accuracy"] == 1.0
+    given = write_face_json(tmp_path / "given.json", color="RGB")
+    assert run("--face-config", str(given))["preprocessing"]["source"] == f"face.json {given}"
+    capsys.readouterr()
+    argv = ["evaluate", "verify", str(model), "--bins", str(bins), "--names", "lfw"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--mean", "1,2"])
+    assert "expected three comma-separated numbers, got '1,2'" in capsys.readouterr().err
+    assert main([*argv, "--input-size", "96"]) == 2
+    assert "rec.onnx takes 112x112 input, but the preprocessing says input_size 96" in (
+        capsys.readouterr().err
+    )
+
+
+def test_preprocessing_flags_are_refused_for_a_checkpoint(tmp_path: Path, capsys) -> None:
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    write_bin(bins / "lfw.bin", make_pairs(20, set(), seed=3))
+    argv = ["evaluate", "verify", str(tmp_path), "--bins", str(bins), "--names", "lfw"]
+    assert main([*argv, "--color", "BGR"]) == 2
+    assert "apply to .onnx models" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="applies to .onnx models only"):
+        verify(identity_embedder, bins, ["lfw"], spec=RecognizerSpec())

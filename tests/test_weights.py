@@ -39,6 +39,51 @@ def test_tiny_tokenizer_is_the_real_clip_vocabulary(tiny_weights):
     assert len(tokenizer) == 49408
 
 
+# The tokenizer files built from the packaged vocabulary, byte for byte (the same bytes the
+# build gave when the vocabulary still came from open_clip_torch's copy).
+TOKENIZER_SHA256 = {
+    "merges.txt": "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+    "special_tokens_map.json": "92e1e31d71a7f63cd75b4dfa1469377bd2cd6b8292cf70b3ff5b7082b0edc1c9",
+    "tokenizer_config.json": "a91c559092a7e63e9e7e0afa5d2e4a79c5daa385d16ae9ca495161ce4faf0e73",
+    "vocab.json": "18bce047b1b195520f8e4beaabf5dc30835afec04acaf1996652c5413716910c",
+}
+
+
+def test_tiny_tokenizer_files_are_the_pinned_bytes(tiny_weights):
+    built = {p.name: weights.sha256_file(p) for p in tiny_weights.tokenizer.iterdir()}
+    assert built == TOKENIZER_SHA256
+
+
+def test_clip_vocabulary_ships_in_the_package_with_its_licence():
+    import tomllib
+    from fnmatch import fnmatch
+
+    from digi2real.weights import tokenizer
+
+    assert weights.sha256_file(tokenizer.CLIP_BPE) == tokenizer.CLIP_BPE_SHA256
+    licence = tokenizer.CLIP_BPE.with_name("bpe_simple_vocab_16e6.LICENSE.txt")
+    text = licence.read_text(encoding="utf-8")
+    assert "Copyright (c) 2021 OpenAI" in text and "MIT License" in text
+    # both files are package data, so a wheel carries them
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["digi2real"]
+    package = Path(tokenizer.__file__).parents[1]
+    for path in (tokenizer.CLIP_BPE, licence):
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch(rel, pattern) for pattern in patterns), rel
+
+
+def test_altered_clip_vocabulary_is_refused(tmp_path):
+    from digi2real.weights import tokenizer
+
+    altered = tmp_path / tokenizer.CLIP_BPE.name
+    altered.write_bytes(tokenizer.CLIP_BPE.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="sha256"):
+        tokenizer.read_clip_bpe(altered)
+    with pytest.raises(FileNotFoundError, match="reinstall"):
+        tokenizer.read_clip_bpe(tmp_path / "absent.txt.gz")
+
+
 def test_verify_ok_then_names_removed_and_altered_files(tiny_weights, tmp_path, capsys):
     copy = tmp_path / "w"
     shutil.copytree(tiny_weights.root, copy)
@@ -106,7 +151,7 @@ def test_download_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     code = main(["weights", "download", "--dir", str(tmp_path / "real")])
-    assert code == 2
+    assert code == 1  # a run that failed (README "Exit codes"), not a usage error
     assert "network" in capsys.readouterr().err
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
+import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from digi2real import weights
+from digi2real.cli import main
 
 
 @pytest.fixture()
@@ -77,3 +82,41 @@ def test_verify_catches_tampering_after_download(fake_hub, tiny_weights, tmp_pat
         handle.write(b"x")
     problems = weights.verify(root).problems
     assert any("vae/diffusion_pytorch_model.safetensors" in p for p in problems)
+
+
+def test_manual_detector_instructions_work_as_printed(fake_hub, tiny_weights, tmp_path, capsys):
+    """SCRFD has no Hugging Face home: download and verify print its URL and the command that
+    records it once placed; followed as printed, verify passes."""
+    [scrfd] = [
+        e for e in weights.load_package_manifest()["files"] if e["source"]["type"] != "huggingface"
+    ]
+    source = scrfd["source"]
+    root = tmp_path / "real"
+    assert main(["weights", "download", "--dir", str(root)]) != 0
+    [line] = [x for x in capsys.readouterr().err.splitlines() if scrfd["path"] in x]
+    assert source["url"] in line and f"to {root / scrfd['path']} " in line
+    commands = re.findall(r"`([^`]+)`", line)
+    [record] = [c for c in commands if c.startswith("digi2real weights download")]
+    assert record == f"digi2real weights download --dir {root}"
+    # verify says the same
+    assert main(["weights", "verify", "--dir", str(root)]) != 0
+    assert line in capsys.readouterr().err.splitlines()
+
+    # follow it: the printed extraction command on a stand-in of the archive, if unzip is here
+    archive = tmp_path / "dl" / source["url"].rsplit("/", 1)[-1]
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.write(tiny_weights.root / scrfd["path"], source["member"])
+    [extract] = [c for c in commands if c.startswith("unzip ")]
+    if shutil.which("unzip"):
+        subprocess.run(shlex.split(extract), cwd=archive.parent, check=True, capture_output=True)
+    else:
+        shutil.copyfile(tiny_weights.root / scrfd["path"], root / scrfd["path"])
+    assert (root / scrfd["path"]).read_bytes() == (tiny_weights.root / scrfd["path"]).read_bytes()
+    fetched = len(fake_hub)
+    argv = shlex.split(record)
+    assert main(argv[1:]) == 0  # the console script `digi2real` is digi2real.cli:main
+    assert len(fake_hub) == fetched  # it recorded the placed file and fetched nothing again
+    assert main(["weights", "verify", "--dir", str(root)]) == 0
+    recorded = {e["path"]: e for e in weights.open_weights(root).files}[scrfd["path"]]
+    assert recorded["sha256"] == weights.sha256_file(root / scrfd["path"])

@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from digi2real.config import merge_environment
-from digi2real.data import fsio
+from digi2real.data import fsio, layout
 from digi2real.data.layout import OutLayout
+from digi2real.data.manifest import read_table
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,13 @@ def _headline(report: dict[str, Any]) -> list[str]:
         f"| near-duplicate image pairs (cosine >= {_fmt(thresholds.get('near_duplicate'))}) | "
         f"{_fmt(diversity.get('num_near_duplicates'))} |",
     ]
+    pose = report.get("pose")
+    if pose:
+        lines.append(
+            "| median per-identity yaw range, source renders / outputs (degrees) | "
+            f"{_fmt(pose['sources']['identity_yaw_range'].get('median'))} / "
+            f"{_fmt(pose['outputs']['identity_yaw_range'].get('median'))} |"
+        )
     if leakage:
         lines.append(
             f"| identities leaking into gallery `{leakage.get('gallery')}` "
@@ -146,6 +154,21 @@ def _headline(report: dict[str, Any]) -> list[str]:
     else:
         lines.append("| leakage against real identities | not checked (no gallery) |")
     return lines
+
+
+def restrictions(
+    config: dict[str, Any], weights_manifest: dict[str, Any], source_license: str | None
+) -> list[str]:
+    """The links of the licence chain that forbid commercial use (source first)."""
+    restricted = [
+        f"{row['component']} ({row['license']})"
+        for row in _license_rows(weights_manifest)
+        if row["non_commercial"]
+    ]
+    source = source_license_entry(config, source_license)
+    if source["non_commercial"]:
+        restricted.insert(0, f"source dataset ({source['license']})")
+    return restricted
 
 
 def render_dataset_card(
@@ -158,11 +181,7 @@ def render_dataset_card(
 ) -> str:
     license_rows = _license_rows(weights_manifest)
     source = source_license_entry(config, source_license)
-    restricted = [
-        f"{row['component']} ({row['license']})" for row in license_rows if row["non_commercial"]
-    ]
-    if source["non_commercial"]:
-        restricted.insert(0, f"source dataset ({source['license']})")
+    restricted = restrictions(config, weights_manifest, source_license)
 
     lines = ["# Dataset card", ""]
     if restricted:
@@ -227,14 +246,94 @@ def render_dataset_card(
     return "\n".join(lines)
 
 
+# the Hub's size buckets (datasets card metadata), by the number of images
+SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+)
+
+
+def hub_metadata(
+    *, config: dict[str, Any], counts: dict[str, Any], restricted: bool
+) -> dict[str, Any]:
+    """The YAML block of a Hugging Face Hub dataset card: licence, task, size, and the data
+    files (the ImageFolder root, whose folder names are the identity labels)."""
+    images = int(counts.get("images") or 0)
+    size = next((name for bound, name in SIZE_CATEGORIES if images < bound), "n>100M")
+    root = (config.get("source") or {}).get("root")
+    source = Path(root).name if root else "synthetic renders"
+    return {
+        "pretty_name": f"digi2real: photorealistic faces from {source}",
+        # the chain mixes licences (source data, weights): no single SPDX id describes it
+        "license": "other",
+        "license_name": "digi2real-licence-chain" + ("-non-commercial" if restricted else ""),
+        "license_link": f"{layout.CARD}",
+        "task_categories": ["image-classification"],
+        "tags": ["face-recognition", "synthetic", *(["non-commercial"] if restricted else [])],
+        "size_categories": [size],
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [{"split": "train", "path": f"{layout.IMAGES}/**/*.jpg"}],
+            }
+        ],
+    }
+
+
+def render_hub_card(
+    *,
+    config: dict[str, Any],
+    counts: dict[str, Any],
+    report: dict[str, Any] | None,
+    weights_manifest: dict[str, Any],
+    source_license: str | None,
+) -> str:
+    """The dataset card as a Hub ``README.md``: YAML metadata, the card, how to load it."""
+    body = render_dataset_card(
+        config=config,
+        counts=counts,
+        report=report,
+        weights_manifest=weights_manifest,
+        source_license=source_license,
+    )
+    restricted = bool(restrictions(config, weights_manifest, source_license))
+    metadata = hub_metadata(config=config, counts=counts, restricted=restricted)
+    loading = [
+        "## Loading",
+        "",
+        "```python",
+        "import datasets",
+        "",
+        "# this folder (or its Hub repository): images with their identity as the label",
+        'faces = datasets.load_dataset("path/to/this/folder", split="train")',
+        "# the same from the ImageFolder root alone",
+        f'faces = datasets.load_dataset("imagefolder", data_dir="path/to/{layout.IMAGES}", '
+        'split="train")',
+        "```",
+        "",
+        f"Labels are the identity folder names in sorted order, the same integers as "
+        f"`{layout.LABELS}` and the manifest's `label` column; `{layout.MANIFEST}` holds "
+        "every image's provenance (source renders, interpolation, seed, similarity).",
+        "",
+    ]
+    front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).rstrip()
+    return "\n".join(["---", front, "---", "", body.rstrip(), "", *loading])
+
+
 def write_dataset_card(out_dir: str | Path, **card: Any) -> Path:
-    """Write ``OUT/DATASET_CARD.md`` (``card``: :func:`render_dataset_card`'s keyword
-    arguments) and return its path."""
+    """Write ``OUT/DATASET_CARD.md`` and the Hub ``README.md`` (``card``:
+    :func:`render_dataset_card`'s keyword arguments) and return the card's path."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"output folder not found: {out_dir}")
+    paths = OutLayout(out_dir)
+    fsio.atomic_write_bytes(paths.hub_card, render_hub_card(**card).encode("utf-8"))
     text = render_dataset_card(**card)
-    path = fsio.atomic_write_bytes(OutLayout(out_dir).card, text.encode("utf-8"))
+    path = fsio.atomic_write_bytes(paths.card, text.encode("utf-8"))
     logger.info("dataset card written to %s", path)
     return path
 
@@ -253,7 +352,7 @@ def write_card(
     if record is None:
         record = yaml.safe_load(paths.config.read_text(encoding="utf-8"))
     if counts is None:
-        manifest = pq.read_table(paths.manifest, columns=["identity"])
+        manifest = read_table(paths.manifest, columns=["identity"])
         counts = {
             "identities": len(set(manifest.column("identity").to_pylist())),
             "images": manifest.num_rows,

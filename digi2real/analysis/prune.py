@@ -20,7 +20,7 @@ from digi2real.analysis import metrics
 from digi2real.analysis.report import load_report
 from digi2real.data import fsio, layout
 from digi2real.data.layout import OutLayout
-from digi2real.data.manifest import assign_labels, write_labels, write_parquet
+from digi2real.data.manifest import assign_labels, read_table, write_labels, write_parquet
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -99,7 +99,6 @@ def prune(
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     out_dir = Path(out_dir).resolve()
     dest = Path(dest).resolve()
@@ -116,7 +115,7 @@ def prune(
     if report is None:
         report = load_report(out_dir)
 
-    table = pq.read_table(manifest_path)
+    table = read_table(manifest_path)
     dropped = identities_to_drop(report, drop_collisions=drop_collisions, drop_leaks=drop_leaks)
     known = set(table.column("identity").unique().to_pylist())
     unknown = sorted(set(dropped) - known)
@@ -153,7 +152,7 @@ def prune(
     for side_path, copy in ((source.rejected, target.rejected), (source.errors, target.errors)):
         if not side_path.is_file():
             continue
-        side = pq.read_table(side_path)
+        side = read_table(side_path)
         if "identity" in side.column_names and side.num_rows:
             side = side.filter(
                 pc.invert(pc.is_in(side.column("identity"), pa.array(sorted(dropped), pa.string())))

@@ -1,4 +1,5 @@
-"""What several command groups share: the config flags and how they become a Config."""
+"""What several command groups share: config flags, grouped by what they set, and how they
+become a validated Config. A command adds only the groups it uses."""
 
 from __future__ import annotations
 
@@ -8,66 +9,117 @@ from typing import Any
 
 from digi2real.config import DTYPES, SHIFT_METHODS, SHIFT_POSITIONS
 
+# exit codes: 0 success, 1 a run that failed, 2 usage or config errors, 130 Ctrl-C (128 +
+# SIGINT, what a shell reports for an interrupted command)
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
 TINY_NOTICE = (
     "NOTE: the tiny profile has RANDOM weights: its 'faces' are noise that only prove the "
     "pipeline runs end to end. For real images: `digi2real weights download --dir DIR` (needs "
     "network; see README 'Weights'), then `digi2real convert SRC OUT --weights DIR`."
 )
 
+# flag -> (config field it sets, argparse options), per group
+FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
+    "model": {
+        "--config": (None, {"type": Path, "help": "YAML config file (see configs/)"}),
+        "--preset": (None, {"help": "a preset in configs/: default (paper), fast, tiny..."}),
+        "--weights": (
+            "weights",
+            {"type": Path, "help": "weights dir (digi2real weights download / tiny)"},
+        ),
+        "--device": ("run.device", {"help": "auto | cpu | cuda | cuda:N"}),
+        "--threads": (
+            "run.torch_threads",
+            {
+                "type": int,
+                "help": "torch CPU threads per worker (default 1: host-independent bytes)",
+            },
+        ),
+    },
+    "source": {
+        "--identities": (
+            "source.identities",
+            {"help": "all | first:N | START:STOP | a,b,c | @names.txt"},
+        ),
+        "--min-images": (
+            "source.min_images",
+            {"type": int, "help": "minimum usable images per identity"},
+        ),
+    },
+    "generation": {
+        "--seed": ("run.seed", {"type": int, "help": "run seed"}),
+        "--batch-size": (
+            "generation.batch_size",
+            {"type": int, "help": "targets per UNet call (speed only)"},
+        ),
+        "--dtype": ("generation.dtype", {"choices": DTYPES}),
+        "--steps": ("generation.steps", {"type": int, "help": "DPM-Solver++ steps"}),
+        "--guidance": ("generation.guidance", {"type": float, "help": "classifier-free guidance"}),
+        "--init-strength": (
+            "generation.init_strength",
+            {
+                "type": float,
+                "help": "start from each target's render, noised this far (0 = from noise)",
+            },
+        ),
+        "--threshold": (
+            "filter.threshold",
+            {"type": float, "help": "identity filter: min cosine to the target"},
+        ),
+        "--max-attempts": (
+            "filter.max_attempts",
+            {"type": int, "help": "seeds tried per target before it is rejected"},
+        ),
+    },
+    "shift": {
+        "--shift-method": ("shift.method", {"choices": SHIFT_METHODS}),
+        "--shift-alpha": ("shift.alpha", {"type": float, "help": "strength (0 = off)"}),
+        "--shift-positions": ("shift.positions", {"choices": SHIFT_POSITIONS}),
+        "--real-stats": ("shift.real_stats", {"type": Path, "help": "digi2real stats real"}),
+        "--synthetic-stats": (
+            "shift.synthetic_stats",
+            {"type": Path, "help": "digi2real stats synthetic"},
+        ),
+        "--no-shift": (None, {"action": "store_true", "help": "run without the domain shift"}),
+    },
+}
 
-def add_config_flags(p: argparse.ArgumentParser, *, source: bool = True) -> None:
-    g = p.add_argument_group("config")
-    g.add_argument("--config", type=Path, help="YAML config file (see configs/)")
-    g.add_argument("--preset", help="a preset in configs/: default (paper), fast, tiny")
-    g.add_argument("--weights", type=Path, help="weights dir (digi2real weights download/tiny)")
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--seed", type=int, help="run seed")
-    if source:
-        g.add_argument("--identities", help="all | first:N | START:STOP | a,b,c | @names.txt")
-        g.add_argument("--min-images", type=int, help="minimum usable images per identity")
-    g.add_argument("--batch-size", type=int, help="targets per UNet call (speed only)")
-    g.add_argument("--dtype", choices=DTYPES)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float)
-    g.add_argument("--threshold", type=float, help="identity filter: min cosine to the target")
-    g.add_argument("--max-attempts", type=int)
-    g.add_argument("--shift-method", choices=SHIFT_METHODS)
-    g.add_argument("--shift-alpha", type=float)
-    g.add_argument("--shift-positions", choices=SHIFT_POSITIONS)
-    g.add_argument("--real-stats", type=Path)
-    g.add_argument("--synthetic-stats", type=Path)
-    g.add_argument("--no-shift", action="store_true", help="run without the domain shift")
+
+def add_config_flags(parser: argparse.ArgumentParser, *groups: str) -> None:
+    """Add the flags of ``groups`` (``model`` always) under one "config" heading."""
+    section = parser.add_argument_group("config")
+    for group in ("model", *groups):
+        for flag, (_, options) in FLAGS[group].items():
+            section.add_argument(flag, **options)
 
 
-def config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
+def config_from_args(args: argparse.Namespace, **extra: tuple[str, Any]) -> Any:
+    """The validated Config of ``args``: a YAML file (``--config``) or a preset, with every flag
+    the command has applied; ``extra`` adds command-specific fields as ``{dotted: (label,
+    value)}``. A bad value is a ConfigError naming the flag."""
     from digi2real.api import resolve_config
     from digi2real.weights import default_weights_dir
 
-    weights = args.weights
+    weights = getattr(args, "weights", None)
     config = resolve_config(args.config, preset=args.preset, weights_dir=weights)
     if weights is None and config.weights is None:
         weights = default_weights_dir("tiny" if config.preset == "tiny" else "real")
-    overrides = {
-        "weights": str(weights) if weights else None,
-        "run.device": args.device,
-        "run.seed": args.seed,
-        "source.identities": getattr(args, "identities", None),
-        "source.min_images": getattr(args, "min_images", None),
-        "generation.batch_size": args.batch_size,
-        "generation.dtype": args.dtype,
-        "generation.steps": args.steps,
-        "generation.guidance": args.guidance,
-        "filter.threshold": args.threshold,
-        "filter.max_attempts": args.max_attempts,
-        "shift.method": args.shift_method,
-        "shift.alpha": args.shift_alpha,
-        "shift.positions": args.shift_positions,
-        "shift.real_stats": str(args.real_stats) if args.real_stats else None,
-        "shift.synthetic_stats": str(args.synthetic_stats) if args.synthetic_stats else None,
-        **extra,
-    }
-    config = config.override(overrides)
-    if args.no_shift:
+    overrides: dict[str, Any] = {"weights": str(weights) if weights else None}
+    labels: dict[str, str] = {"weights": "--weights"}
+    for group in FLAGS.values():
+        for flag, (field, _) in group.items():
+            value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+            if field is None or field == "weights" or value is None:
+                continue
+            overrides[field] = str(value) if isinstance(value, Path) else value
+            labels[field] = flag
+    for field, (label, value) in extra.items():
+        if value is not None:
+            overrides[field] = str(value) if isinstance(value, Path) else value
+            labels[field] = label
+    config = config.override(overrides, where="command line", labels=labels)
+    if getattr(args, "no_shift", False):
         config = config.override(
             {"shift.method": "none", "shift.alpha": 0.0, "shift.required": False}
         )

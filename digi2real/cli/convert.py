@@ -3,31 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from digi2real.cli.common import TINY_NOTICE, add_config_flags, config_from_args, is_tiny
+from digi2real.cli.common import (
+    EXIT_INTERRUPTED,
+    TINY_NOTICE,
+    add_config_flags,
+    config_from_args,
+    is_tiny,
+)
 from digi2real.config import RUNNERS
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from digi2real.env import check_environment
-    from digi2real.runner.convert import convert, preflight
+    from digi2real.runner.convert import committed_shards, convert, preflight
 
     check_environment()
     formats = args.formats.split(",") if args.formats else None
     config = config_from_args(
         args,
         **{
-            "source.root": str(args.src),
-            "source.license": args.source_license,
-            "interpolation.outputs_per_identity": args.outputs_per_identity,
-            "output.formats": formats,
-            "output.shard_size": args.shard_size,
-            "run.devices": args.devices,
-            "run.runner": args.runner,
-            "run.ray_address": args.ray_address,
+            "source.root": ("SRC", args.src),
+            "source.license": ("--source-license", args.source_license),
+            "interpolation.outputs_per_identity": (
+                "--outputs-per-identity",
+                args.outputs_per_identity,
+            ),
+            "output.formats": ("--formats", formats),
+            "output.shard_size": ("--shard-size", args.shard_size),
+            "run.devices": ("--devices", args.devices),
+            "run.runner": ("--runner", args.runner),
+            "run.ray_address": ("--ray-address", args.ray_address),
         },
     ).validate()
     if args.dry_run:
@@ -38,7 +48,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
             print(f"{key:<{width}}  {shown}")
         return 0
     start = time.perf_counter()
-    summary = convert(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        summary = convert(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    except KeyboardInterrupt:
+        committed, total = committed_shards(args.out)
+        print(
+            f"interrupted: {committed} of {total} shards committed in {args.out}; re-running "
+            "the same command resumes from there",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(f"done in {time.perf_counter() - start:.1f}s")
     for line in summary.lines():
         print(line)
@@ -71,15 +90,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert a dataset (one folder per identity)")
-    p.add_argument("src", type=Path)
-    p.add_argument("out", type=Path)
-    add_config_flags(p)
-    p.add_argument("--outputs-per-identity", type=int)
+    p.add_argument("src", type=Path, help="the source dataset: one folder of images per identity")
+    p.add_argument("out", type=Path, help="the output folder (created; re-run to resume)")
+    add_config_flags(p, "source", "generation", "shift")
+    p.add_argument("--outputs-per-identity", type=int, help="images per identity")
     p.add_argument("--formats", help="comma list: imagefolder,webdataset,recordio")
     p.add_argument("--shard-size", type=int, help="identities per shard")
     p.add_argument("--devices", help="local workers: 0,1 | all | cpux2")
     p.add_argument("--runner", choices=RUNNERS)
-    p.add_argument("--ray-address")
+    p.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
     p.add_argument("--source-license", help="licence of the source dataset (dataset card)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT and start over")
     p.add_argument("--dry-run", action="store_true", help="plan and preflight only")
@@ -87,15 +106,15 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("augment", help="new images of ONE identity (folder of images or .npy)")
-    p.add_argument("src", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--identity", default="augment")
-    add_config_flags(p, source=False)
+    p.add_argument("src", type=Path, help="the identity: a folder of its images or a .npy")
+    p.add_argument("--out", type=Path, required=True, help="folder for NNNN.jpg + metadata.json")
+    p.add_argument("--num-images", type=int, default=8, help="how many images (default 8)")
+    p.add_argument("--identity", default="augment", help="name recorded in the metadata")
+    add_config_flags(p, "generation", "shift")
     p.set_defaults(func=cmd_augment)
 
     p = sub.add_parser("demo", help="tiny profile on the bundled sample (CPU, < 2 minutes)")
     p.add_argument("--out", type=Path, default=Path("digi2real-demo"))
-    p.add_argument("--weights", type=Path)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--weights", type=Path, help="tiny weights dir (built there if absent)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)

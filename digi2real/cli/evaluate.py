@@ -8,13 +8,22 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from digi2real.evaluate.backbones import BACKBONES
-from digi2real.evaluate.data import DATA_FORMATS
-from digi2real.evaluate.losses import DEFAULT_SCALE, LOSSES
-from digi2real.evaluate.train import SCHEDULES, TrainConfig, train
-from digi2real.evaluate.verify import DEFAULT_NAMES, VerificationReport, verify
+from digi2real.config import COLORS
+from digi2real.evaluate.choices import (
+    BACKBONES,
+    DATA_FORMATS,
+    DEFAULT_NAMES,
+    DEFAULT_SCALE,
+    LOSSES,
+    SCHEDULES,
+)
+
+if TYPE_CHECKING:
+    from digi2real.evaluate.train import TrainConfig
+    from digi2real.evaluate.verify import VerificationReport
+    from digi2real.weights.face_config import RecognizerSpec
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +63,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from digi2real.evaluate.train import TrainConfig
+
     # the namespace also holds the top-level flags (command, verbose, func): keep only ours
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
@@ -69,12 +80,49 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--folds", type=int, default=10)
+    pre = parser.add_argument_group(
+        "preprocessing of an .onnx model",
+        "from --face-config, else a face.json next to the model, else ArcFace's "
+        "(RGB, mean 127.5, std 127.5, 112); the flags below override it",
+    )
+    pre.add_argument("--face-config", default=None, help="face.json (or its folder)")
+    pre.add_argument("--color", choices=COLORS, default=None, help="channel order the model takes")
+    pre.add_argument("--mean", type=_three_floats, default=None, help="a,b,c in --color order")
+    pre.add_argument("--std", type=_three_floats, default=None, help="a,b,c in --color order")
+    pre.add_argument("--input-size", type=int, default=None, help="side the images are resized to")
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values[0], values[1], values[2]
 
 
 def run_from_args(args: argparse.Namespace) -> VerificationReport:
+    from digi2real.evaluate.verify import is_onnx, recognizer_spec, verify
+
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     if not names:
         raise ValueError("--names is empty")
+    flags = {
+        "color": args.color,
+        "mean": args.mean,
+        "std": args.std,
+        "input_size": args.input_size,
+    }
+    spec: RecognizerSpec | None = None
+    source: str | None = None
+    if is_onnx(args.model):
+        spec, source = recognizer_spec(args.model, args.face_config, **flags)
+    elif args.face_config is not None or any(v is not None for v in flags.values()):
+        raise ValueError(
+            "--face-config/--color/--mean/--std/--input-size apply to .onnx models; "
+            f"{args.model} is a trained checkpoint, evaluated with its training preprocessing"
+        )
     report = verify(
         args.model,
         args.bins,
@@ -83,12 +131,16 @@ def run_from_args(args: argparse.Namespace) -> VerificationReport:
         device=args.device,
         batch_size=args.batch_size,
         folds=args.folds,
+        spec=spec,
+        spec_source=source,
     )
     print(report.to_markdown(), end="")
     return report
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from digi2real.evaluate.train import train
+
     logging.getLogger("digi2real.evaluate").setLevel(logging.INFO)  # per-epoch progress
     result = train(config_from_args(args))
     # a --max-steps stop is a planned pause (resumable), not a failure

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from digi2real.cli import convert, embed, evaluate, report, weights
+from digi2real.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from digi2real.runner.faults import LOG_LEVEL_ENV
 from digi2real.version import __version__
 
 GROUPS = (convert, embed, weights, report, evaluate)
@@ -27,29 +30,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a user can fix by changing the command: bad values, missing inputs, a missing extra
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    _configure_environment(level)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as error:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USAGE_ERRORS as error:
         if args.verbose:
             raise
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (RuntimeError, OSError) as error:
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
-def _quiet_libraries() -> None:
-    import os
-
+def _configure_environment(level: int) -> None:
+    """Settings read by libraries and worker processes when (if) they start: importing
+    diffusers or transformers here to quieten them would cost seconds on every command."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("diffusers", "transformers"):
-        try:
-            module = __import__(f"{name}.utils.logging", fromlist=["logging"])
-            module.set_verbosity_error()
-            module.disable_progress_bar()
-        except (ImportError, AttributeError):
-            continue
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # local workers and Ray actors inherit DIGI2REAL_* settings: -v reaches them too
+    os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)

@@ -17,8 +17,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         or (args.gallery is not None and args.gallery.suffix != ".npy")
         or args.judge is not None
         or args.config is not None
+        or args.pose
     )
-    judge = {"report.recognizer": str(args.judge) if args.judge else None}
+    judge = {"report.recognizer": ("--judge", args.judge)}
     config = config_from_args(args, **judge) if needs_models else None
     summary = run_report(
         args.out,
@@ -27,6 +28,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         source=args.source,
         config=config,
         embed_images=args.embed_images,
+        pose=args.pose,
         thresholds={
             "collision_threshold": args.collision_threshold,
             "leak_threshold": args.leak_threshold,
@@ -56,6 +58,11 @@ def register(sub: Any) -> None:
     p.add_argument("--html", action="store_true", help="also write report/index.html")
     p.add_argument("--embed-images", action="store_true", help="inline images in the HTML")
     p.add_argument(
+        "--pose",
+        action="store_true",
+        help="yaw/pitch of renders and outputs from the detector's landmarks (needs weights)",
+    )
+    p.add_argument(
         "--judge",
         type=Path,
         help="a stricter ONNX recognizer for the report (preprocessing: report.* in --config)",
@@ -69,10 +76,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("prune", help="copy a dataset without collisions/leaks")
-    p.add_argument("out", type=Path)
-    p.add_argument("dest", type=Path)
-    p.add_argument("--drop-collisions", action="store_true")
-    p.add_argument("--drop-leaks", action="store_true")
+    p.add_argument("out", type=Path, help="a converted dataset")
+    p.add_argument("dest", type=Path, help="where the cleaned copy goes (new or empty)")
+    p.add_argument(
+        "--drop-collisions", action="store_true", help="drop the higher label of each pair"
+    )
+    p.add_argument("--drop-leaks", action="store_true", help="drop identities matching the gallery")
     p.add_argument("--keys-only", action="store_true", help="only write kept_keys.txt")
     p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking")
     p.set_defaults(func=cmd_prune)

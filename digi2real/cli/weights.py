@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from digi2real.cli.common import EXIT_FAILED
+
 
 def cmd_weights(args: argparse.Namespace) -> int:
     from digi2real import weights
@@ -23,7 +25,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
             result = weights.download(directory, token=args.token)
         except weights.NoNetworkError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 2
+            return EXIT_FAILED
     else:
         result = weights.verify(directory)
     if result.ok:
@@ -31,7 +33,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
         return 0
     for problem in result.problems:
         print(f"error: {problem}", file=sys.stderr)
-    return 1
+    return EXIT_FAILED
 
 
 def register(sub: Any) -> None:
@@ -43,7 +45,9 @@ def register(sub: Any) -> None:
         ("tiny", "build the tiny random-weight profile"),
     ):
         q = wsub.add_parser(name, help=text)
-        q.add_argument("--dir", type=Path)
+        q.add_argument(
+            "--dir", type=Path, help="weights dir (default: $DIGI2REAL_HOME/weights/...)"
+        )
         if name == "download":
             q.add_argument("--token", help="Hugging Face token (if a repo needs one)")
         if name == "tiny":

@@ -262,6 +262,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     return Path(path)
 
 
+def create_exclusive(path: str | os.PathLike[str], data: bytes = b"") -> bool:
+    """Create ``path`` holding ``data`` if no file has that name (atomic across processes and
+    machines sharing the file system: one creator wins); False when it existed already."""
+    path = Path(path)
+    make_dirs(path.parent)
+    try:
+        with _translated(path):
+            fd = _open_exclusive(path)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as handle, _translated(path):
+        _write_all(handle, data)
+    return True
+
+
 def is_writable(directory: str | os.PathLike[str]) -> bool:
     """Whether a file can be created in ``directory`` (tried with a temp name, removed)."""
     probe = temp_name(Path(directory) / "write-probe")

@@ -8,14 +8,16 @@
       wds/shard-NNNNNN.tar                 WebDataset
       rec/{train.rec,train.idx,property}   insightface RecordIO
       manifest.parquet                     one row per accepted image; written LAST
-      rejected.parquet  errors.parquet  labels.csv  config.yaml  DATASET_CARD.md
-      report/{report.json,similarity_hist.png,contact_NNN.png,index.html,judge_outputs.npy}
+      rejected.parquet  errors.parquet  labels.csv  config.yaml  DATASET_CARD.md  README.md
+      report/{report.json,similarity_hist.png,contact_NNN.png,pose.png,index.html,
+              judge_outputs.npy}
       .digi2real/                          run state
         run.json  plan.parquet  plan_errors.parquet
         outputs.npy  targets.npy           row-aligned with manifest.parquet
         cache/shard-NNNNNN.parquet         a shard's source embeddings
         shards/NNNNNN/{manifest,rejected,errors}.parquet {outputs,targets}.npy
                                            a shard's parts; its manifest.parquet is the commit
+        attempts/<run token>/NNNNNN.<k>    Ray: a shard's k-th attempt (removed after the run)
 
 A pruned copy (``digi2real prune``) adds ``prune.json`` (or holds only ``kept_keys.txt``).
 """
@@ -37,11 +39,13 @@ ERRORS = "errors.parquet"
 LABELS = "labels.csv"
 CONFIG = "config.yaml"
 CARD = "DATASET_CARD.md"
+HUB_CARD = "README.md"  # the same card with the Hugging Face Hub's YAML metadata on top
 REPORT = "report"
 REPORT_JSON = "report.json"
 REPORT_HISTOGRAM = "similarity_hist.png"
 REPORT_HTML = "index.html"
 REPORT_JUDGE_OUTPUTS = "judge_outputs.npy"
+REPORT_POSE = "pose.png"
 KEPT_KEYS = "kept_keys.txt"
 PRUNE_JSON = "prune.json"
 
@@ -53,6 +57,7 @@ OUTPUTS = "outputs.npy"  # generated images' embeddings, row-aligned with the ma
 TARGETS = "targets.npy"  # their target embeddings, likewise
 CACHE = "cache"
 SHARDS = "shards"
+ATTEMPTS = "attempts"  # the Ray runner's attempt markers, one folder per driver invocation
 # a shard's parts, written in this order; the manifest part last is the commit marker
 SHARD_PARTS = (ERRORS, REJECTED, OUTPUTS, TARGETS, MANIFEST)
 
@@ -116,6 +121,10 @@ class OutLayout:
     @property
     def card(self) -> Path:
         return self.root / CARD
+
+    @property
+    def hub_card(self) -> Path:
+        return self.root / HUB_CARD
 
     @property
     def report(self) -> Path:

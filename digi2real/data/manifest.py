@@ -38,6 +38,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("dtype", pa.string()),
         ("shift_method", pa.string()),
         ("shift_alpha", pa.float64()),
+        ("init_path", pa.string()),  # the source render the diffusion started from, or null
+        ("init_strength", pa.float64()),
         ("similarity", pa.float64()),
         ("shard", pa.int64()),
         ("weights_digest", pa.string()),
@@ -82,6 +84,12 @@ def error_table(rows: Sequence[ErrorRow]) -> pa.Table:
         },
         schema=ERROR_SCHEMA,
     )
+
+
+def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """One parquet file (``columns`` of it). ``pq.read_table`` goes through pyarrow.dataset,
+    which imports pandas: half a second a command that only reads a manifest should not pay."""
+    return pq.ParquetFile(path).read(columns=list(columns) if columns is not None else None)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BACKBONES = ("iresnet18", "iresnet50", "small")
+from digi2real.evaluate.choices import BACKBONES
+
 INPUT_SIZE = 112
 
 

@@ -21,10 +21,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from digi2real.data.layout import IMAGES, LABELS, RECORDIO, RECORDIO_PROPERTY, OutLayout
+from digi2real.evaluate.choices import DATA_FORMATS
 
 logger = logging.getLogger(__name__)
 
-DATA_FORMATS = ("auto", "imagefolder", "rec")
 IMAGE_SIZE = 112
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -16,11 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("arcface", "cosface")
-# Published defaults: ArcFace (arXiv:1801.07698) s=64, m=0.5; CosFace (arXiv:1801.09414)
-# s=64, m=0.35.
-DEFAULT_MARGINS = {"arcface": 0.5, "cosface": 0.35}
-DEFAULT_SCALE = 64.0
+from digi2real.evaluate.choices import DEFAULT_MARGINS, DEFAULT_SCALE, LOSSES
 
 
 def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = False) -> torch.Tensor:

@@ -32,13 +32,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from digi2real.data import fsio
-from digi2real.evaluate.backbones import BACKBONES, get_backbone
+from digi2real.evaluate.backbones import get_backbone
+from digi2real.evaluate.choices import BACKBONES, SCHEDULES
 from digi2real.evaluate.data import DATA_FORMATS, open_dataset
 from digi2real.evaluate.losses import DEFAULT_SCALE, LOSSES, MarginHead
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("poly", "step", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.safetensors"
 CONFIG_NAME = "train_config.json"

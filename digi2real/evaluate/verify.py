@@ -1,30 +1,29 @@
 """Face verification on insightface ``.bin`` benchmarks (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW).
 
-A ``.bin`` is a pickle of ``(images, issame)``: ``2 * len(issame)`` encoded images, pair
-``i`` being images ``2i`` and ``2i + 1``. Pickles execute code when loaded, so they are read
-with an unpickler that refuses every global: only builtin containers, bytes, str, ints,
-floats, bools and None get through. Python 2 pickles (the published files) load with
-``encoding="bytes"``. Refused as well, by construction: numpy arrays or numpy bools (they
-are pickled as references to numpy functions), and Python 3 ``bytes`` pickled with protocol
-< 3 (pickled as a call to ``_codecs.encode``); re-save such files with protocol >= 3.
+The sets are read by :mod:`digi2real.evaluate.bins` (an allow-list unpickler: encoded or
+decoded images, Python 2 or 3 pickles, nothing in the file runs).
 
 The protocol is insightface ``eval/verification.py``'s: the embedding of an image is the
 sum of the network's outputs on it and on its horizontal flip, L2-normalised; the squared
 distance of each pair is thresholded; 10 contiguous folds, the threshold in
 ``arange(0, 4, 0.01)`` with the best accuracy on the 9 other folds applied to each; the
 mean and standard deviation of the 10 fold accuracies.
+
+An ONNX recognizer's input is described by a :class:`RecognizerSpec` (channel order, mean,
+std, input size): from a ``face.json`` given or found next to the model, else ArcFace's
+``(x - 127.5) / 127.5`` RGB 112x112. The report records the one used.
 """
 
 from __future__ import annotations
 
-import io
+import copy
+import dataclasses
 import json
 import logging
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -33,70 +32,47 @@ from torch import nn
 
 from digi2real.data import fsio
 from digi2real.evaluate.backbones import get_backbone
+from digi2real.evaluate.bins import IMAGE_SIZE, decode_images, load_bin
+from digi2real.evaluate.choices import BENCHMARKS, DEFAULT_NAMES
 from digi2real.evaluate.train import BACKBONE_NAME, CHECKPOINT_NAME, load_checkpoint
+from digi2real.weights.face_config import FACE_CONFIG, RecognizerSpec
 
 logger = logging.getLogger(__name__)
 
 # Column order of the synthetic-data face-recognition papers (DCFace, Digi2Real, ...).
-BENCHMARKS = {
-    "lfw": "LFW",
-    "cfp_fp": "CFP-FP",
-    "agedb_30": "AgeDB-30",
-    "calfw": "CALFW",
-    "cplfw": "CPLFW",
-}
-DEFAULT_NAMES = tuple(BENCHMARKS)
-IMAGE_SIZE = 112
 THRESHOLDS = np.arange(0, 4, 0.01)
+ARCFACE_SOURCE = "default (ArcFace)"
+# What digi2real.evaluate.data feeds the backbones it trains; their checkpoints get the same.
+TRAINING_PREPROCESSING = {
+    "color": "RGB",
+    "input_size": IMAGE_SIZE,
+    "mean": [127.5] * 3,
+    "std": [127.5] * 3,
+    "source": "training preprocessing",
+}
 
 Embedder = Callable[[np.ndarray], np.ndarray]
 """uint8 RGB batch (N, 112, 112, 3) -> raw (unnormalised) embeddings (N, D)."""
 
-
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
-def load_bin(path: str | Path) -> tuple[list[bytes], list[bool]]:
-    """Read and check a verification ``.bin`` without executing anything it contains."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"verification set not found: {path}")
-    try:
-        with open(path, "rb") as handle:
-            data = _NoGlobalsUnpickler(handle, encoding="bytes").load()
-    except Exception as error:  # a malformed pickle raises many types; all mean "not a .bin"
-        raise ValueError(f"{path}: not a plain (images, issame) pickle: {error}") from error
-    if not isinstance(data, tuple | list) or len(data) != 2:
-        raise ValueError(f"{path}: expected a pair (images, issame), got {type(data).__name__}")
-    images, issame = data
-    if not isinstance(images, list | tuple) or not all(
-        isinstance(item, bytes | bytearray) for item in images
-    ):
-        raise ValueError(f"{path}: images must be a list of encoded image bytes")
-    if not isinstance(issame, list | tuple) or not all(type(item) is bool for item in issame):
-        raise ValueError(f"{path}: issame must be a list of bools")
-    if not issame or len(images) != 2 * len(issame):
-        raise ValueError(
-            f"{path}: expected 2 images per pair, got {len(images)} images for {len(issame)} pairs"
-        )
-    return [bytes(item) for item in images], list(issame)
-
-
-def decode_images(images: Sequence[bytes], source: str = "images") -> np.ndarray:
-    """Encoded images -> uint8 RGB (N, 112, 112, 3)."""
-    out = np.empty((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for index, data in enumerate(images):
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        except Exception as error:
-            raise ValueError(f"{source}: image {index} does not decode: {error}") from error
-        if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"{source}: image {index} is {pixels.shape[:2]}, expected 112x112")
-        out[index] = pixels
-    return out
+__all__ = [
+    "BENCHMARKS",
+    "DEFAULT_NAMES",
+    "Embedder",
+    "OnnxEmbedder",
+    "TorchEmbedder",
+    "VerificationReport",
+    "VerificationResult",
+    "decode_images",
+    "evaluate_bin",
+    "fold_accuracies",
+    "load_backbone",
+    "load_bin",
+    "load_embedder",
+    "read_recognizer_spec",
+    "recognizer_spec",
+    "verify",
+    "write_report",
+]
 
 
 def flip_embeddings(embedder: Embedder, images: np.ndarray) -> np.ndarray:
@@ -148,6 +124,8 @@ class VerificationResult:
 class VerificationReport:
     model: str
     results: list[VerificationResult] = field(default_factory=list)
+    # what the model was fed (color, input_size, mean, std, source); None for a callable
+    preprocessing: dict[str, Any] | None = None
 
     @property
     def average(self) -> float:
@@ -172,6 +150,8 @@ class VerificationReport:
             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
             "| " + " | ".join(cells) + " |",
         ]
+        if self.preprocessing is not None:
+            lines += ["", f"Preprocessing: {describe_preprocessing(self.preprocessing)}"]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -181,7 +161,33 @@ class VerificationReport:
             "columns": [r.column for r in self.ordered()] + ["Avg"],
             "results": [asdict(r) for r in self.ordered()],
             "average": self.average,
+            "preprocessing": self.preprocessing,
         }
+
+
+def describe_preprocessing(preprocessing: dict[str, Any]) -> str:
+    """One line: ``RGB 112x112, mean 127.5,127.5,127.5, std 127.5,127.5,127.5 (source)``."""
+
+    def numbers(values: Sequence[float]) -> str:
+        return ",".join(f"{float(v):g}" for v in values)
+
+    size = preprocessing["input_size"]
+    return (
+        f"{preprocessing['color']} {size}x{size}, mean {numbers(preprocessing['mean'])}, "
+        f"std {numbers(preprocessing['std'])} ({preprocessing['source']})"
+    )
+
+
+def spec_record(spec: RecognizerSpec, source: str) -> dict[str, Any]:
+    """The report's record of an ONNX model's preprocessing (the spec's ``file`` is not used)."""
+    data = spec.to_dict()
+    return {
+        "color": data["color"],
+        "input_size": data["input_size"],
+        "mean": data["mean"],
+        "std": data["std"],
+        "source": source,
+    }
 
 
 class TorchEmbedder:
@@ -207,30 +213,135 @@ class TorchEmbedder:
 
 
 class OnnxEmbedder:
-    """An ONNX recogniser (e.g. insightface ``w600k_r50.onnx``) as an :data:`Embedder`."""
+    """An ONNX recogniser (e.g. insightface ``w600k_r50.onnx``) as an :data:`Embedder`.
+
+    ``spec`` says what the network expects (channel order, ``(x - mean) / std``, input
+    size); the 112x112 ``.bin`` images are resized to ``spec.input_size`` when it differs.
+    """
 
     def __init__(
-        self, model_path: str | Path, device: str = "cpu", batch_size: int = 64, spec: Any = None
+        self,
+        model_path: str | Path,
+        device: str = "cpu",
+        batch_size: int = 64,
+        spec: RecognizerSpec | None = None,
     ) -> None:
-        from digi2real.face.embed import RecognizerSpec
+        from digi2real.face.embed import normalises_inside
         from digi2real.face.session import make_session
 
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.spec = spec or RecognizerSpec()
-        self.session = make_session(model_path, device)
+        path = Path(model_path)
+        self.session = make_session(path, device)
         model_input = self.session.get_inputs()[0]
+        shape = model_input.shape
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+            raise ValueError(f"{path.name}: expected an Nx3xHxW input, got {shape}")
+        size = self.spec.input_size
+        model_hw = tuple(shape[2:4])
+        if all(isinstance(v, int) for v in model_hw) and model_hw != (size, size):
+            raise ValueError(
+                f"{path.name} takes {model_hw[0]}x{model_hw[1]} input, but the preprocessing "
+                f"says input_size {size}; set --input-size or the face.json"
+            )
+        if normalises_inside(path) and (self.spec.mean, self.spec.std) != ((0.0,) * 3, (1.0,) * 3):
+            logger.warning(
+                "%s subtracts and scales its input inside the graph, yet the preprocessing also "
+                "normalises (mean %s, std %s); check --mean/--std or the face.json",
+                path.name,
+                list(self.spec.mean),
+                list(self.spec.std),
+            )
         self.input_name = model_input.name
-        fixed = model_input.shape[0]
-        # Some exports fix the batch dimension; honour it rather than fail at run time.
-        self.batch_size = fixed if isinstance(fixed, int) and fixed > 0 else batch_size
+        self.input_dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
+        fixed = shape[0]
+        # Some exports fix the batch dimension: feed full batches of that size, padded.
+        self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+        self.batch_size = self.fixed_batch or batch_size
+
+    def _resized(self, images: np.ndarray) -> np.ndarray:
+        size = self.spec.input_size
+        if images.shape[1:3] == (size, size):
+            return images
+        return np.stack(
+            [
+                np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+                for image in images
+            ]
+        )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         from digi2real.face.embed import preprocess
 
         outputs = []
         for start in range(0, images.shape[0], self.batch_size):
-            blob = preprocess(images[start : start + self.batch_size], self.spec)
-            outputs.append(self.session.run(None, {self.input_name: blob})[0])
+            chunk = self._resized(images[start : start + self.batch_size])
+            count = len(chunk)
+            if self.fixed_batch and count < self.fixed_batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - count, 0)])
+            blob = preprocess(chunk, self.spec).astype(self.input_dtype, copy=False)
+            outputs.append(self.session.run(None, {self.input_name: blob})[0][:count])
         return np.concatenate(outputs).astype(np.float32)
+
+
+def read_recognizer_spec(path: str | Path) -> RecognizerSpec:
+    """The ``recognizer`` section of a ``face.json`` (the file, or the folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FACE_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"face config not found: {path}")
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON: {error}") from error
+    if not isinstance(data, dict) or not isinstance(data.get("recognizer"), dict):
+        raise ValueError(f"{path} has no 'recognizer' section")
+    try:
+        return RecognizerSpec.from_dict(data["recognizer"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def is_onnx(model: object) -> TypeGuard[str | Path]:
+    """Whether ``model`` names an ONNX file (the models a :class:`RecognizerSpec` applies to)."""
+    return isinstance(model, str | Path) and Path(model).suffix == ".onnx"
+
+
+def recognizer_spec(
+    model: str | Path,
+    face_config: str | Path | None = None,
+    *,
+    color: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: int | None = None,
+) -> tuple[RecognizerSpec, str]:
+    """The preprocessing of the ONNX recognizer ``model`` and where it came from.
+
+    ``face_config`` (a ``face.json`` or its folder), else the ``face.json`` next to the
+    model when there is one, else ArcFace's; ``color``/``mean``/``std``/``input_size``
+    that are not None override it.
+    """
+    if not is_onnx(model):
+        raise ValueError(
+            f"preprocessing (face.json, color, mean, std, input size) applies to .onnx models; "
+            f"{model} is a trained checkpoint, evaluated with its training preprocessing"
+        )
+    beside = Path(model).parent / FACE_CONFIG
+    if face_config is not None:
+        spec, source = read_recognizer_spec(face_config), f"face.json {face_config}"
+    elif beside.is_file():
+        spec, source = read_recognizer_spec(beside), f"face.json {beside}"
+    else:
+        spec, source = RecognizerSpec(), ARCFACE_SOURCE
+    given = {"color": color, "mean": mean, "std": std, "input_size": input_size}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    if overrides:
+        spec = dataclasses.replace(spec, **overrides)
+        source += " + flags " + ", ".join(f"--{key.replace('_', '-')}" for key in overrides)
+    return spec, source
 
 
 def load_backbone(path: str | Path) -> nn.Module:
@@ -262,14 +373,20 @@ def load_backbone(path: str | Path) -> nn.Module:
 
 
 def load_embedder(
-    model: str | Path | Embedder, device: str = "cpu", batch_size: int = 64
+    model: str | Path | Embedder,
+    device: str = "cpu",
+    batch_size: int = 64,
+    spec: RecognizerSpec | None = None,
 ) -> Embedder:
-    """An embedder from a callable, an ``.onnx`` file, or a training output (dir/file)."""
+    """An embedder from a callable, an ``.onnx`` file (fed as ``spec`` says, default
+    ArcFace's), or a training output (dir/file)."""
+    if spec is not None and not is_onnx(model):
+        raise ValueError(f"a recognizer spec applies to .onnx models only, not {model!r}")
     if callable(model):
         return model
     path = Path(model)
     if path.suffix == ".onnx":
-        return OnnxEmbedder(path, device, batch_size)
+        return OnnxEmbedder(path, device, batch_size, spec)
     return TorchEmbedder(load_backbone(path), device, batch_size)
 
 
@@ -304,17 +421,32 @@ def verify(
     batch_size: int = 64,
     folds: int = 10,
     model_name: str | None = None,
+    spec: RecognizerSpec | None = None,
+    spec_source: str | None = None,
 ) -> VerificationReport:
-    """Evaluate ``model`` on ``bins/<name>.bin`` for each name; write ``out`` (.md) + .json."""
+    """Evaluate ``model`` on ``bins/<name>.bin`` for each name; write ``out`` (.md) + .json.
+
+    For an ``.onnx`` model, ``spec`` is its preprocessing (None: :func:`recognizer_spec`'s
+    choice: the ``face.json`` next to it, else ArcFace's); ``spec_source`` says where it
+    came from in the report. Other models refuse a ``spec``.
+    """
     bins = Path(bins)
     paths = [bins / f"{name}.bin" for name in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         present = sorted(p.stem for p in bins.glob("*.bin")) if bins.is_dir() else []
         raise FileNotFoundError(f"verification sets not found: {missing}; present: {present}")
-    embedder = load_embedder(model, device, batch_size)
+    preprocessing: dict[str, Any] | None = None
+    if is_onnx(model):
+        if spec is None:
+            spec, spec_source = recognizer_spec(model)
+        preprocessing = spec_record(spec, spec_source or "given")
+        logger.info("%s preprocessing: %s", model, describe_preprocessing(preprocessing))
+    elif not callable(model):
+        preprocessing = copy.deepcopy(TRAINING_PREPROCESSING)
+    embedder = load_embedder(model, device, batch_size, spec)
     label = model_name or (str(model) if not callable(model) else type(model).__name__)
-    report = VerificationReport(model=label)
+    report = VerificationReport(model=label, preprocessing=preprocessing)
     for name, path in zip(names, paths, strict=True):
         report.results.append(evaluate_bin(path, embedder, name, folds))
     if out is not None:

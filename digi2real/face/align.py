@@ -93,3 +93,28 @@ def locate_and_align(
     if detector.spec.fallback == "center_crop":
         return AlignResult(center_crop_align(image_rgb, size), "center_crop")
     return AlignResult(None, None)
+
+
+def resize_square(image_rgb: np.ndarray, size: int) -> np.ndarray:
+    """A square image resized to ``size`` (bicubic up, area down: deterministic cv2)."""
+    if image_rgb.shape[0] == size:
+        return np.ascontiguousarray(image_rgb)
+    interpolation = cv2.INTER_CUBIC if size > image_rgb.shape[0] else cv2.INTER_AREA
+    return cv2.resize(image_rgb, (size, size), interpolation=interpolation)
+
+
+def align_at(image_rgb: np.ndarray, detector: FaceDetector, size: int) -> np.ndarray | None:
+    """``image_rgb`` in the ArcFace template's frame at ``size`` x ``size``: the 112 template
+    scaled by ``size / 112``, the framing of Arc2Face's training crops (112 upsampled). An
+    aligned 112 crop (a DigiFace render) is resized; another image is detected and warped with
+    ``norm_crop``'s transform, scaled; None when no face is found (and no fallback)."""
+    check_image(image_rgb, "image_rgb")
+    if is_aligned_crop(image_rgb, 112):
+        return resize_square(image_rgb, size)
+    detections = detector.detect(image_rgb)
+    if detections:
+        matrix = face_align.estimate_norm(np.asarray(detections[0].kps, np.float32), 112)
+        return cv2.warpAffine(image_rgb, matrix * (size / 112), (size, size), borderValue=0.0)
+    if detector.spec.fallback == "center_crop":
+        return center_crop_align(image_rgb, size)
+    return None

@@ -47,9 +47,19 @@ class FaceStack:
         self.recognizer_spec = RecognizerSpec.from_dict(face["recognizer"])
         detector_spec = DetectorSpec.from_dict(face["detector"])
         self.detector_spec = dataclasses.replace(detector_spec, fallback=config.filter.fallback)
-        self.detector = FaceDetector(self.detector_spec, weights.root, self.device)
-        self.embedder = FaceEmbedder(self.recognizer_spec, weights.root, self.device)
+        self._open_sessions()
         self.id_dim = self.embedder.dim
+
+    def _open_sessions(self) -> None:
+        # onnxruntime binds a session to its providers when it is created
+        self.detector = FaceDetector(self.detector_spec, self.weights.root, self.device)
+        self.embedder = FaceEmbedder(self.recognizer_spec, self.weights.root, self.device)
+
+    def to(self, device: str) -> FaceStack:
+        """The face models on ``device`` (their sessions are opened again there)."""
+        self.device = resolve_device(device)
+        self._open_sessions()
+        return self
 
     @classmethod
     def from_config(cls, config: Config, *, device: str = "auto") -> FaceStack:

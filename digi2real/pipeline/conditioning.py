@@ -151,6 +151,10 @@ class IdentityEncoder:
             cond = self.shift.apply(cond)
         return cond
 
+    def clear_cache(self) -> None:
+        """Forget cached outputs (after the encoder moved to another device or dtype)."""
+        self._empty_cache.clear()
+
     @torch.no_grad()
     def encode_empty(self) -> torch.Tensor:
         """(1, T, D) conditioning of the empty prompt (the unconditional branch)."""

@@ -140,6 +140,13 @@ class Arc2FaceGenerator:
     def dtype_name(self) -> str:
         return {v: k for k, v in TORCH_DTYPES.items()}[self.dtype]
 
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Arc2FaceGenerator:
+        """UNet, VAE and text encoder on ``device`` (and in ``dtype``)."""
+        for module in (self.unet, self.vae, self.encoder.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self.encoder.clear_cache()
+        return self
+
     def attention_processors(self) -> dict[str, list[str]]:
         """Attention processor class names of the UNet and the VAE (expect ``AttnProcessor2_0``:
         PyTorch SDPA, flash/memory-efficient kernels on CUDA)."""
@@ -179,6 +186,8 @@ class Arc2FaceGenerator:
         seeds: Sequence[int] | None,
         generators: Sequence[torch.Generator] | None,
         latents: torch.Tensor | None,
+        image: np.ndarray | None = None,
+        strength: float = 0.0,
     ) -> int:
         if (id_embeds is None) == (cond is None):
             raise ValueError("pass exactly one of id_embeds or cond")
@@ -203,6 +212,18 @@ class Arc2FaceGenerator:
             shape = (n, self.latent_channels, self.latent_size, self.latent_size)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if (image is not None) != (strength > 0):
+            raise ValueError("pass init images together with a strength > 0 (and only then)")
+        if image is not None:
+            if latents is not None:
+                raise ValueError("pass init images or latents, not both")
+            shape = (n, self.resolution, self.resolution, 3)
+            if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+                raise ValueError("init images must be a uint8 numpy array (N, H, W, 3) RGB")
+            if tuple(image.shape) != shape:
+                raise ValueError(f"init images must have shape {shape}, got {image.shape}")
         return n
 
     def encode(self, id_embeds: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -228,13 +249,43 @@ class Arc2FaceGenerator:
             return noise.pin_memory().to(self.device, self.dtype, non_blocking=True)
         return noise.to(self.device, self.dtype)
 
+    def init_timesteps(self, scheduler: Any, strength: float) -> Any:
+        """The timesteps an init image is denoised over (diffusers' img2img): the last
+        ``int(steps * strength)`` of the schedule. The scheduler is told where it starts."""
+        steps = len(scheduler.timesteps) // scheduler.order
+        start = steps - min(int(steps * strength), steps)
+        scheduler.set_begin_index(start * scheduler.order)
+        return scheduler.timesteps[start * scheduler.order :]
+
+    def encode_images(self, image: np.ndarray) -> torch.Tensor:
+        """(N, R, R, 3) uint8 RGB -> (N, C, h, w) latents: the VAE posterior's mean, scaled
+        (deterministic: the randomness of img2img is the noise, from each image's generator)."""
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
+        pixels = pixels.to(self.device, self.vae.dtype) / 127.5 - 1.0
+        latents = self.vae.encode(pixels).latent_dist.mean
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    def noise_images(
+        self, latents: torch.Tensor, noise: torch.Tensor, scheduler: Any, timesteps: Any
+    ) -> torch.Tensor:
+        """Init latents noised to the first of ``timesteps`` (none left: the init as it is,
+        i.e. the VAE round trip)."""
+        if len(timesteps) == 0:
+            return latents
+        return scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(latents)))
+
     def denoise(
-        self, latents: torch.Tensor, cond: torch.Tensor, scheduler: Any, guidance: float
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        scheduler: Any,
+        guidance: float,
+        timesteps: Any = None,
     ) -> torch.Tensor:
         n = latents.shape[0]
         uncond = self.encoder.encode_empty().to(self.device, self.dtype).expand(n, -1, -1)
         context = torch.cat([uncond, cond.to(self.device, self.dtype)])
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps if timesteps is None else timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             noise = self.unet(model_input, t, encoder_hidden_states=context).sample
             noise_uncond, noise_cond = noise.chunk(2)
@@ -265,14 +316,25 @@ class Arc2FaceGenerator:
         seeds: Sequence[int] | None = None,
         generators: Sequence[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        image: np.ndarray | None = None,
+        strength: float = 0.0,
         settings: SamplerSettings | None = None,
     ) -> GenerationOutput:
+        """``image``/``strength``: start each image's diffusion from its init image (uint8
+        RGB at the generation resolution) encoded by the VAE and noised with the image's own
+        generator to the timestep ``strength`` selects, then denoise the rest of the schedule
+        (diffusers' img2img). Without them, text-to-image from pure noise."""
         settings = settings or self.settings
-        self.check_inputs(id_embeds, cond, seeds, generators, latents)
+        self.check_inputs(id_embeds, cond, seeds, generators, latents, image, strength)
         if cond is None:
             cond = self.encode(id_embeds)  # type: ignore[arg-type]
         scheduler = self.make_scheduler(settings.steps)
-        if latents is None:
+        timesteps = None
+        if image is not None:
+            timesteps = self.init_timesteps(scheduler, strength)
+            noise = self.prepare_latents(seeds=seeds, generators=generators)
+            latents = self.noise_images(self.encode_images(image), noise, scheduler, timesteps)
+        elif latents is None:
             latents = self.prepare_latents(
                 seeds=seeds,
                 generators=generators,
@@ -280,7 +342,7 @@ class Arc2FaceGenerator:
             )
         else:
             latents = latents.to(self.device, self.dtype)
-        latents = self.denoise(latents, cond, scheduler, settings.guidance)
+        latents = self.denoise(latents, cond, scheduler, settings.guidance, timesteps)
         images = self.decode(latents)
         return GenerationOutput(
             images=images,

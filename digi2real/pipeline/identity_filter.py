@@ -9,6 +9,7 @@ attempt), so the outcome does not depend on batching.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from digi2real.config import Config
 from digi2real.face.stack import GeneratedFace
-from digi2real.pipeline.interpolate import Target, image_seed
+from digi2real.pipeline.interpolate import Target, image_seed, init_source
 
 
 @dataclass
@@ -29,6 +30,11 @@ class Pending:
     seeds: list[int] = field(default_factory=list)
     best: float = -2.0
     reason: str = ""
+
+    @property
+    def init_path(self) -> str:
+        """The source render that initialises this target (see ``interpolate.init_source``)."""
+        return self.source_paths[init_source(self.target)]
 
 
 @dataclass
@@ -43,11 +49,16 @@ def generate_with_retries(
     pending: list[Pending],
     config: Config,
     on_accept: Callable[[Accepted], None] | None = None,
+    init_image: Callable[[Pending], np.ndarray] | None = None,
 ) -> tuple[list[Accepted], list[Pending], int]:
     """Generate every pending target; a target whose output misses the identity threshold (or
     has no face) is retried with the next derived seed, up to ``filter.max_attempts``.
     ``on_accept`` sees each accepted image as soon as its batch is post-processed (while the
-    next batch diffuses)."""
+    next batch diffuses). With ``generation.init_strength`` > 0, ``init_image(item)`` gives
+    each target's init image (at the generation resolution), loaded batch by batch."""
+    strength = config.generation.init_strength
+    if strength > 0 and init_image is None:
+        raise ValueError("generation.init_strength > 0 needs the targets' init images")
     accepted: list[Accepted] = []
     rejected: list[Pending] = []
     generated = 0
@@ -81,10 +92,16 @@ def generate_with_retries(
                     item.reason = f"similarity below {threshold}"
                     decided[offset + i] = None
 
+        inits = None
+        if strength > 0:
+            assert init_image is not None
+            inits = [functools.partial(init_image, item) for item in pending]
         engine.generate(
             np.stack([p.target.embedding for p in pending]),
             [p.seeds[-1] for p in pending],
             on_faces=decide,
+            init_images=inits,
+            strength=strength,
         )
         generated += len(pending)
         retry: list[Pending] = []

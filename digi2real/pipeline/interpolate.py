@@ -28,6 +28,13 @@ class Target:
     embedding: np.ndarray  # (D,) float32 unit
 
 
+def init_source(target: Target) -> int:
+    """The position in ``target.sources`` of the render that initialises it (render-guided
+    transfer): its own render for a ``source`` target, else the source with the largest
+    interpolation weight (the embedding the target is closest to), the first on a tie."""
+    return max(range(len(target.weights)), key=lambda i: (target.weights[i], -i))
+
+
 def stable_seed(*parts: object, bits: int = 63) -> int:
     """A stable hash (blake2b) of ``parts``; strings are NFC-normalised. Never Python's hash()."""
     digest = hashlib.blake2b(digest_size=8)

@@ -161,21 +161,30 @@ def convert(
     devices = devices_for(config)
     # loaded once: the in-process engine uses it, config.yaml records its description
     shift = DomainShift.from_config(config.shift, weights.file_digest("encoder"))
-    if config.run.runner == "ray":
-        from digi2real.runner.ray import run_ray
+    try:
+        if config.run.runner == "ray":
+            from digi2real.runner.ray import run_ray
 
-        outcome: RunOutcome = run_ray(config, out, plan, todo, on_result=tracker)
-    elif len(devices) > 1:
-        outcome = run_workers(config, out, plan, todo, devices=devices, on_result=tracker)
-    elif todo:
-        device = devices[0] if devices else config.run.device
-        outcome = run_in_process(
-            config, out, plan, todo, device=device, on_result=tracker, engine=engine, shift=shift
-        )
-    else:
-        outcome = RunOutcome()
-    if bar is not None:
-        bar.close()
+            outcome: RunOutcome = run_ray(config, out, plan, todo, on_result=tracker)
+        elif len(devices) > 1:
+            outcome = run_workers(config, out, plan, todo, devices=devices, on_result=tracker)
+        elif todo:
+            device = devices[0] if devices else config.run.device
+            outcome = run_in_process(
+                config,
+                out,
+                plan,
+                todo,
+                device=device,
+                on_result=tracker,
+                engine=engine,
+                shift=shift,
+            )
+        else:
+            outcome = RunOutcome()
+    finally:
+        if bar is not None:
+            bar.close()
     if outcome.failed:
         details = "\n  ".join(f"shard {s}: {e}" for s, e in sorted(outcome.failed.items()))
         raise ConvertError(
@@ -191,3 +200,15 @@ def convert(
     summary = finalize(out, config, plan, weights_manifest=manifest, env=env, shift=description)
     summary.events = [f"shard {r.shard}: {e}" for r in outcome.results for e in r.events]
     return summary
+
+
+def committed_shards(out: str | Path) -> tuple[int, int]:
+    """(committed, planned) shards of an OUT; (0, 0) before its plan is complete."""
+    import pyarrow.parquet as pq
+
+    paths = OutLayout(out)
+    if not paths.run_json.is_file():
+        return 0, 0
+    shards = pq.read_table(paths.plan, columns=["shard"]).column("shard").to_pylist()
+    total = max(shards, default=-1) + 1
+    return sum(paths.is_committed(shard) for shard in range(total)), total

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,7 @@ from digi2real.config import Config
 from digi2real.device import resolve_dtype
 from digi2real.face.stack import FaceStack, GeneratedFace
 from digi2real.pipeline.domain_shift import DomainShift
-from digi2real.pipeline.generate import Arc2FaceGenerator, SamplerSettings
+from digi2real.pipeline.generate import Arc2FaceGenerator, SamplerSettings, parse_dtype
 from digi2real.weights import WeightsDir, open_weights
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,13 @@ class Engine(FaceStack):
             raise ValueError("config.weights is not set: pass --weights DIR")
         return cls(config, open_weights(config.weights), device=device, shift=shift)
 
+    def to(self, device: str) -> Engine:
+        """Every model on ``device``, in the dtype the config asks for there (float32 on CPU)."""
+        super().to(device)
+        self.dtype = resolve_dtype(self.config.generation.dtype, self.device)
+        self.generator.to(self.device, parse_dtype(self.dtype))
+        return self
+
     # -- generation -------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
@@ -102,18 +109,39 @@ class Engine(FaceStack):
             "dtype": self.dtype,
             "shift_method": self.config.shift.method if self.shift else "none",
             "shift_alpha": float(self.config.shift.alpha) if self.shift else 0.0,
+            "init_strength": float(self.config.generation.init_strength),
             "weights_digest": self.weights.digest,
         }
 
-    def _generate_batch(self, targets: np.ndarray, seeds: list[int]) -> np.ndarray:
-        return self.generator(targets, seeds=seeds).images
+    def _generate_batch(
+        self,
+        targets: np.ndarray,
+        seeds: list[int],
+        init_images: np.ndarray | None = None,
+        strength: float = 0.0,
+    ) -> np.ndarray:
+        if init_images is None:
+            return self.generator(targets, seeds=seeds).images
+        return self.generator(targets, seeds=seeds, image=init_images, strength=strength).images
 
-    def _diffuse(self, targets: np.ndarray, seeds: list[int], start: int) -> np.ndarray | None:
+    def _diffuse(
+        self,
+        targets: np.ndarray,
+        seeds: list[int],
+        start: int,
+        init_images: Sequence[Callable[[], np.ndarray]] | None = None,
+        strength: float = 0.0,
+    ) -> np.ndarray | None:
         """One batch from ``start``; None after a CUDA OOM (the batch size is halved)."""
         size = min(self.batch_size, len(targets) - start)
         begin = time.perf_counter()
+        window = slice(start, start + size)
         try:
-            batch = self._generate_batch(targets[start : start + size], seeds[start : start + size])
+            if init_images is None:
+                batch = self._generate_batch(targets[window], seeds[window])
+            else:
+                inits = np.stack([load() for load in init_images[window]])
+                batch = self._generate_batch(targets[window], seeds[window], inits, strength)
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
@@ -145,14 +173,20 @@ class Engine(FaceStack):
         targets: np.ndarray,
         seeds: list[int],
         on_faces: Callable[[int, list[GeneratedFace]], None] | None = None,
+        init_images: Sequence[Callable[[], np.ndarray]] | None = None,
+        strength: float = 0.0,
     ) -> list[GeneratedFace]:
         """Generate, align, embed and encode, in input order; batches of ``batch_size``, halved
         on CUDA OOM. Post-processing of a batch overlaps the next batch's diffusion unless
         ``generation.overlap`` is false. ``on_faces(offset, faces)`` is called as each batch
         is post-processed (on the post-processing thread): the shard writes accepted images
-        there, so writing overlaps diffusion too."""
+        there, so writing overlaps diffusion too. ``init_images``: one loader per target of
+        its init image (render-guided, ``strength`` > 0), called when its batch runs, so a
+        shard's renders at 512x512 are never all in memory."""
         if len(targets) != len(seeds):
             raise ValueError(f"{len(targets)} targets but {len(seeds)} seeds")
+        if init_images is not None and len(init_images) != len(targets):
+            raise ValueError(f"{len(targets)} targets but {len(init_images)} init images")
         results: list[GeneratedFace] = []
         pool = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
@@ -163,7 +197,7 @@ class Engine(FaceStack):
         try:
             start = 0
             while start < len(targets):
-                batch = self._diffuse(targets, seeds, start)
+                batch = self._diffuse(targets, seeds, start, init_images, strength)
                 if batch is None:
                     continue
                 start += len(batch)

@@ -21,6 +21,7 @@ import signal
 
 ENV = "DIGI2REAL_FAULT"
 ENV_PREFIX = "DIGI2REAL_"  # settings every worker sees as the driver does
+LOG_LEVEL_ENV = "DIGI2REAL_LOG_LEVEL"  # the driver's log level (-v), for its workers
 ONCE_ENV = "DIGI2REAL_FAULT_ONCE"
 KINDS = ("kill", "exit", "raise", "enospc", "erofs")
 EXIT_CODE = 70
@@ -81,3 +82,11 @@ def adopt_environment(env: dict[str, str]) -> None:
     for key in [key for key in os.environ if key.startswith(ENV_PREFIX)]:
         del os.environ[key]
     os.environ.update(env)
+
+
+def configure_worker_logging() -> None:
+    """A worker logs at its driver's level (``digi2real -v`` reaches workers and actors)."""
+    import logging
+
+    level = os.environ.get(LOG_LEVEL_ENV, "WARNING")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

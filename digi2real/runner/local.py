@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
+from digi2real.device import set_threads, torch_threads
 from digi2real.runner import faults
 from digi2real.runner.outcome import RunOutcome, fatal_error, is_fatal
 from digi2real.runner.plan import Plan
@@ -45,6 +47,19 @@ def run_in_process(
     (with ``shift``, the domain shift the driver has loaded)."""
     runner = ShardRunner.build(config, out, plan.source_root, device, engine=engine, shift=shift)
     outcome = RunOutcome()
+    with torch_threads(config.run.torch_threads):
+        _run_shards(runner, config, plan, shards, outcome, on_result)
+    return outcome
+
+
+def _run_shards(
+    runner: ShardRunner,
+    config: Config,
+    plan: Plan,
+    shards: Iterable[int],
+    outcome: RunOutcome,
+    on_result: Callable[[ShardResult], None],
+) -> None:
     for shard in shards:
         for attempt in range(config.run.max_shard_retries + 1):
             outcome.attempts.setdefault(shard, []).append("in-process")
@@ -61,7 +76,6 @@ def run_in_process(
             outcome.results.append(result)
             on_result(result)
             break
-    return outcome
 
 
 # -- one process per device --------------------------------------------------------------------
@@ -77,11 +91,15 @@ def _worker_main(
     inbox: Any,
     outbox: Any,
 ) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group: the driver alone decides (it stops the workers;
+    # committed shards stay, a re-run resumes), so a worker prints no traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a forkserver child inherits the server's environment, not the driver's
     faults.adopt_environment(env)
+    faults.configure_worker_logging()
     config = Config.from_dict(config_dict)
     try:
+        set_threads(config.run.torch_threads)
         runner = ShardRunner.build(config, Path(out), Path(source_root), device)
     except Exception as error:  # noqa: BLE001 - reported to the driver, which decides
         outbox.put(("dead", worker_id, None, f"worker start failed: {error}"))
@@ -270,6 +288,11 @@ def run_workers(
                 lose(worker_id, payload)
                 if not workers:
                     raise RuntimeError(payload)
+    except BaseException:
+        # Ctrl-C or a driver error: the shards in flight are abandoned (their commits are
+        # atomic; a re-run redoes them), so the workers are stopped at once
+        _stop(workers.values(), wait=0)
+        raise
     finally:
         _stop(workers.values())
     if fatal is not None:
@@ -279,16 +302,17 @@ def run_workers(
     return outcome
 
 
-def _stop(workers: Iterable[_Worker]) -> None:
-    workers = list(workers)
+def _stop(workers: Iterable[_Worker], wait: float = 30) -> None:
+    """Ask each worker to finish (a worker mid-shard finishes it first, up to ``wait``
+    seconds; its commit is atomic either way), then kill what is left."""
+    workers = [worker for worker in workers if worker.process.is_alive()]
     for worker in workers:
         try:
             worker.inbox.put(None)
         except (OSError, ValueError):
             continue
     for worker in workers:
-        # a worker mid-shard finishes it first; its commit is atomic either way
-        worker.process.join(timeout=30)
+        worker.process.join(timeout=wait)
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join()

@@ -7,20 +7,25 @@ clusters, ``run.torch_threads`` CPUs per actor otherwise). Every node must see t
 ``OUT`` (a shared POSIX file system: commits are renames, which object stores do not have),
 the source dataset and the weights at the same paths, and have digi2real installed.
 
-Failure handling, and why it is not left to Ray:
+Failure handling (only named ``map_batches`` parameters and ``DataContext`` settings; Ray
+Data's actor pool keeps its defaults, ``max_restarts=-1`` and ``max_task_retries=-1``):
 
 - A shard's exception is caught inside the actor and returned as an error row: an uncaught
-  error would fail the whole dataset, and Ray Data's own task retries stay on the same actor.
-- An actor that dies loses its task; ``max_task_retries=0`` stops Ray from replaying it in
-  place forever, ``max_restarts=-1`` refills the pool, and ``max_errored_blocks=-1`` lets the
-  other shards go on. The driver sees which shards returned nothing.
-- The driver resubmits the failed shards in a new pipeline, with new actors, up to
-  ``run.max_shard_retries`` times, then reports them; a full or read-only output stops the
-  run at once.
+  error would fail the whole dataset. The driver resubmits the shards that raised in a new
+  pipeline, with new actors, up to ``run.max_shard_retries`` times, then reports them.
+- An actor that dies (segfault, OOM kill, a lost node) is restarted by Ray and its shard run
+  again, on that restarted actor. Ray would do so forever, so the attempts are bounded here:
+  before running a shard an actor creates the shard's next attempt marker in
+  ``OUT/.digi2real/attempts/<run token>/`` (exclusively: two actors never get the same
+  attempt), and once a shard has had ``run.max_shard_retries + 1`` attempts it returns an
+  error row instead of running it. The token is new for each run, so a resume counts afresh;
+  the markers are removed when the run ends. ``max_errored_blocks=-1`` lets the other shards
+  go on should a block still fail.
+- A full or read-only output stops the run at once.
 
 Ray may still run a shard twice (lineage reconstruction, a straggler of a failed round):
 temporary names are unique per attempt and a shard's commit writes the same bytes each
-time, so a second run of a committed shard is harmless.
+time, so a second run of a committed shard is harmless (and is not refused).
 """
 
 from __future__ import annotations
@@ -29,14 +34,18 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
+import shutil
 import socket
 import traceback
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
+from digi2real.data import fsio, layout
+from digi2real.data.layout import OutLayout
+from digi2real.device import set_threads
 from digi2real.runner import faults
 from digi2real.runner.outcome import RunOutcome, fatal_error, is_fatal
 from digi2real.runner.plan import Plan, load_plan
@@ -46,10 +55,14 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'digi2real[ray]'"
 LOST = "its Ray actor died (no result returned)"
+# an attempt that never returned: its actor died, and Ray ran the shard again once restarted
+DIED = "died"
+EXHAUSTED = "gave up after {attempts} attempt(s): its Ray actor died running it (segfault, OOM kill, lost node?)"
 
 
-class RayUnavailableError(RuntimeError):
-    """``--runner ray`` without Ray installed."""
+class RayUnavailableError(ImportError):
+    """``--runner ray`` without Ray installed (an ImportError: the CLI's usage error, fixed by
+    installing the extra)."""
 
 
 def import_ray() -> Any:
@@ -68,19 +81,41 @@ class ShardActor:
     """Ray Data callable class: builds one engine when the actor starts, then runs the
     shards of each batch; failures come back as rows, never as exceptions."""
 
-    def __init__(self, config: dict[str, Any], out: str, device: str) -> None:
+    def __init__(self, config: dict[str, Any], out: str, device: str, run_token: str) -> None:
+        # an actor is a worker: the driver's log level, a fixed torch thread count
+        faults.configure_worker_logging()
         self.config = Config.from_dict(config)
+        set_threads(self.config.run.torch_threads)
         self.plan = load_plan(Path(out), self.config)
         self.runner = ShardRunner.build(self.config, Path(out), self.plan.source_root, device)
         self.name = f"{socket.gethostname()}:{os.getpid()} ({device})"
+        self.attempts = attempts_folder(Path(out), run_token)
+        self.max_attempts = self.config.run.max_shard_retries + 1
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         rows = [self.run_one(int(shard)) for shard in batch["shard"]]
         return {key: [row[key] for row in rows] for key in _FIELDS}
 
     def run_one(self, shard: int) -> dict[str, Any]:
-        row = {"shard": shard, "worker": self.name, "result": "", "error": "", "errno": 0}
+        row = {
+            "shard": shard,
+            "worker": self.name,
+            "result": "",
+            "error": "",
+            "errno": 0,
+            "attempt": 0,
+            "refused": False,
+        }
         try:
+            # a committed shard is only skipped, whatever its attempts (a Ray duplicate)
+            if not self.runner.layout.is_committed(shard):
+                attempt = claim_attempt(self.attempts, shard, self.max_attempts, self.name)
+                if attempt is None:
+                    logger.warning("shard %d: no attempt left, not running it", shard)
+                    row["error"] = EXHAUSTED.format(attempts=self.max_attempts)
+                    row["refused"] = True
+                    return row
+                row["attempt"] = attempt
             result = self.runner.run(shard, self.plan.shards[shard])
         except Exception as error:  # noqa: BLE001 - one shard's failure must not end the dataset
             row["error"] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
@@ -91,13 +126,27 @@ class ShardActor:
         return row
 
 
-_FIELDS = ("shard", "worker", "result", "error", "errno")
+_FIELDS = ("shard", "worker", "result", "error", "errno", "attempt", "refused")
 
 
-# restart dead actors to keep the pool full, but never replay a dead actor's task in place:
-# Ray Data's default (max_task_retries=-1) would replay a shard that kills its actor forever.
-# Ray 2.60 deprecates passing these (they have no named parameter yet); removed in 2.64.
-ACTOR_OPTIONS = {"max_restarts": -1, "max_task_retries": 0}
+def attempts_folder(out: Path, run_token: str) -> Path:
+    """Where one run's attempt markers go (one file per attempt of a shard)."""
+    return OutLayout(out).state / layout.ATTEMPTS / run_token
+
+
+def attempt_marker(folder: Path, shard: int, attempt: int) -> Path:
+    return folder / f"{shard:06d}.{attempt}"
+
+
+def claim_attempt(folder: Path, shard: int, max_attempts: int, owner: str) -> int | None:
+    """The number (1, 2, ...) of the attempt of ``shard`` about to start, recorded by creating
+    its marker exclusively (holding ``owner``, for a human), or None when ``shard`` has had
+    ``max_attempts`` already. Markers are never removed during a run: an attempt whose actor
+    died still counts."""
+    for attempt in range(1, max_attempts + 1):
+        if fsio.create_exclusive(attempt_marker(folder, shard, attempt), owner.encode()):
+            return attempt
+    return None
 
 
 @dataclasses.dataclass
@@ -148,14 +197,21 @@ def run_ray(
     todo = list(shards)
     if not todo:
         return outcome
+    max_attempts = config.run.max_shard_retries + 1
+    run_token = secrets.token_hex(8)
+    attempts_root = OutLayout(out).state / layout.ATTEMPTS
     started = False
     if not ray.is_initialized():
         ray.init(address=config.run.ray_address, include_dashboard=False)
         started = True
     context = ray.data.DataContext.get_current()
     saved = context.max_errored_blocks
-    context.max_errored_blocks = -1  # a dead actor's block is skipped, not fatal to the rest
+    context.max_errored_blocks = -1  # a failed block is skipped, not fatal to the other shards
     try:
+        # markers of a killed driver: its Ray job, and the actors that could still write
+        # there, ended with it; they are never read (another token), only clutter
+        shutil.rmtree(attempts_root, ignore_errors=True)
+        fsio.make_dirs(attempts_folder(out, run_token))
         where = placement(config, ray.cluster_resources(), len(todo))
         logger.info(
             "Ray: %d %s actor(s) for %d shard(s)",
@@ -163,58 +219,74 @@ def run_ray(
             "GPU" if where.gpu else "CPU",
             len(todo),
         )
-        for round_index in range(config.run.max_shard_retries + 1):
+        for round_index in range(max_attempts):
             if not todo:
                 break
             if round_index:
                 logger.warning("Ray: resubmitting %d failed shard(s): %s", len(todo), todo)
-            _run_round(ray, config, out, todo, where, outcome, on_result)
-            todo = [shard for shard in todo if shard in outcome.failed]
+            _run_round(ray, config, out, run_token, todo, where, outcome, on_result)
+            # a shard that raised goes round again while it has attempts left; Ray itself
+            # re-ran those whose actor died, and their markers counted every run
+            todo = [
+                shard
+                for shard in todo
+                if shard in outcome.failed and len(outcome.attempts[shard]) < max_attempts
+            ]
     finally:
         context.max_errored_blocks = saved
+        # the run's attempt markers are never part of the output
+        shutil.rmtree(attempts_root, ignore_errors=True)
         if started:
             ray.shutdown()
     return outcome
 
 
-def _pipeline(ray: Any, config: Config, out: Path, shards: list[int], where: Placement) -> Any:
+def _pipeline(
+    ray: Any, config: Config, out: Path, run_token: str, shards: list[int], where: Placement
+) -> Any:
     """The dataset of ``shards`` mapped by :class:`ShardActor` (lazy: runs when iterated)."""
     env = faults.worker_environment()
-    resources: dict[str, Any] = {"num_gpus": 1} if where.gpu else {"num_cpus": where.cpus_per_actor}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ray.data.from_items(
-            [{"shard": shard} for shard in shards], override_num_blocks=len(shards)
-        ).map_batches(
-            ShardActor,
-            fn_constructor_kwargs={
-                "config": config.to_dict(),
-                "out": str(out),
-                "device": "cuda" if where.gpu else "cpu",
-            },
-            batch_size=1,
-            # one shard in flight per actor, so an actor's death loses only that shard
-            compute=ray.data.ActorPoolStrategy(size=where.actors, max_tasks_in_flight_per_actor=1),
-            runtime_env={"env_vars": env} if env else None,
-            **resources,
-            **ACTOR_OPTIONS,
-        )
+    return ray.data.from_items(
+        [{"shard": shard} for shard in shards], override_num_blocks=len(shards)
+    ).map_batches(
+        ShardActor,
+        fn_constructor_kwargs={
+            "config": config.to_dict(),
+            "out": str(out),
+            "device": "cuda" if where.gpu else "cpu",
+            "run_token": run_token,
+        },
+        batch_size=1,
+        # one shard in flight per actor, so an actor's death loses only that shard
+        compute=ray.data.ActorPoolStrategy(size=where.actors, max_tasks_in_flight_per_actor=1),
+        num_gpus=1 if where.gpu else None,
+        num_cpus=None if where.gpu else where.cpus_per_actor,
+        runtime_env={"env_vars": env} if env else None,
+    )
 
 
 def _run_round(
     ray: Any,
     config: Config,
     out: Path,
+    run_token: str,
     shards: list[int],
     where: Placement,
     outcome: RunOutcome,
     on_result: Callable[[ShardResult], None],
 ) -> None:
+    max_attempts = config.run.max_shard_retries + 1
     seen: set[int] = set()
-    for row in _pipeline(ray, config, out, shards, where).iter_rows():
+    for row in _pipeline(ray, config, out, run_token, shards, where).iter_rows():
         shard = int(row["shard"])
         seen.add(shard)
-        outcome.attempts.setdefault(shard, []).append(str(row["worker"]))
+        tried = outcome.attempts.setdefault(shard, [])
+        # the attempts this row's marker number skipped over never returned: their actor died
+        # and Ray ran the shard again; a refused row means every allowed attempt was made
+        made = max_attempts if row["refused"] else int(row["attempt"]) - 1
+        tried.extend([DIED] * (made - len(tried)))
+        if not row["refused"]:
+            tried.append(str(row["worker"]))
         if row["result"]:
             result = ShardResult(**json.loads(row["result"]))
             outcome.failed.pop(shard, None)

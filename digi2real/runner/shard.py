@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from digi2real.config import Config
 from digi2real.data import fsio, layout
-from digi2real.data.images import encode_jpeg
+from digi2real.data.images import encode_jpeg, load_image
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import (
     MANIFEST_SCHEMA,
@@ -31,6 +31,7 @@ from digi2real.data.manifest import (
 from digi2real.data.readers import ErrorRow, IdentitySource, apply_min_images
 from digi2real.data.writers import Sample
 from digi2real.data.writers.imagefolder import ImageFolderWriter
+from digi2real.face.align import align_at
 from digi2real.face.images import embed_images
 from digi2real.pipeline.identity_filter import Accepted, Pending, generate_with_retries
 from digi2real.pipeline.interpolate import Target, plan_identity
@@ -75,12 +76,9 @@ class ShardRunner:
         shift: Any = None,
     ) -> ShardRunner:
         """The shard function around ``engine``, or around a new model copy on ``device``
-        (``shift``: the domain shift when the caller has loaded it). Sets this process's
-        torch threads to ``run.torch_threads`` either way."""
-        from digi2real.device import set_threads
+        (``shift``: the domain shift when the caller has loaded it)."""
         from digi2real.runner.engine import Engine
 
-        set_threads(config.run.torch_threads)
         if engine is None:
             engine = Engine.from_config(config, device=device, shift=shift)
         return cls(engine, config, out, source_root)
@@ -131,6 +129,15 @@ class ShardRunner:
             }
             for outcome in embed_images(self.engine, ((self._rel(path), path) for path in files))
         ]
+
+    def init_image(self, item: Pending) -> np.ndarray:
+        """A target's init render (render-guided transfer) in the ArcFace frame at the
+        generation resolution."""
+        image = load_image(self.source_root / item.init_path)
+        aligned = align_at(image, self.engine.detector, self.engine.generator.resolution)
+        if aligned is None:  # it was embedded, so it had a face: only a detector change
+            raise ValueError(f"{item.init_path}: no face to initialise {item.identity!r} from")
+        return aligned
 
     # -- the shard -----------------------------------------------------------------------------
 
@@ -183,7 +190,7 @@ class ShardRunner:
             )
 
         accepted, rejected, result.generated = generate_with_retries(
-            self.engine, pending, self.config, on_accept=write_image
+            self.engine, pending, self.config, on_accept=write_image, init_image=self.init_image
         )
         faults.point("shard-generated", shard)
         faults.point("shard-images-written", shard)
@@ -241,6 +248,8 @@ class ShardRunner:
             "dtype": settings["dtype"],
             "shift_method": settings["shift_method"],
             "shift_alpha": settings["shift_alpha"],
+            "init_path": item.init_path if settings["init_strength"] > 0 else None,
+            "init_strength": settings["init_strength"],
             "similarity": similarity,
             "shard": shard,
             "weights_digest": settings["weights_digest"],

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from digi2real.config import FALLBACKS
+from digi2real.config import COLORS, FALLBACKS
 from digi2real.data import fsio
 
 FACE_CONFIG = "face.json"
@@ -70,9 +70,6 @@ class DetectorSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-COLORS = ("RGB", "BGR")
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ class NoNetworkError(RuntimeError):
 def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
     """Fetch every Hugging Face file of the package manifest into ``root`` (resumable: files
     already present with a recorded checksum are kept), convert pickled checkpoints to
-    safetensors once, write ``face.json`` and ``manifest.json``. URL/manual sources (SCRFD) are
-    used when already placed in ``root``, else reported with their instructions."""
+    safetensors once, write ``face.json`` and ``manifest.json``. Files without a Hugging Face
+    home (SCRFD) are recorded when already placed in ``root``; else the result's problems say
+    where to download them and that running this again records them."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -46,7 +47,6 @@ def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
             for e in json.loads((root / DIR_MANIFEST).read_text(encoding="utf-8"))["files"]
         }
     entries: list[dict[str, Any]] = []
-    manual: list[str] = []
     for meta in load_package_manifest()["files"]:
         rel = meta["path"]
         target = root / rel
@@ -55,10 +55,9 @@ def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
             entries.append(previous[rel])
             continue
         if source["type"] != "huggingface":
+            # placed by hand: recorded now if present; else verify() says how to get it
             if target.is_file():
                 entries.append(entry_for(root, rel, meta))
-            else:
-                manual.append(f"{rel}: {source.get('manual', source.get('url'))}")
             continue
         try:
             fetched = Path(
@@ -102,8 +101,6 @@ def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
     )
     shutil.rmtree(root / ".download", ignore_errors=True)
     write_dir_manifest(root, "real", entries)
-    for line in manual:
-        logger.warning("manual download needed: %s", line)
     return verify(root)
 
 

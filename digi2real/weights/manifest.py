@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,42 +171,70 @@ def verify(root: str | Path) -> VerifyResult:
         )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     profile = manifest.get("profile")
-    fix = (
-        f"rebuild with `digi2real weights tiny --dir {root} --force`"
-        if profile == "tiny"
-        else f"re-fetch with `digi2real weights download --dir {root}`"
-    )
+    package = {e["path"]: e for e in load_package_manifest()["files"]} if profile == "real" else {}
+
+    def fix(rel: str) -> str:
+        if profile == "tiny":
+            return f"rebuild with `digi2real weights tiny --dir {_arg(root)} --force`"
+        if rel in package and package[rel]["source"]["type"] != "huggingface":
+            return _how_to_get(package[rel], root)
+        return f"re-fetch with `digi2real weights download --dir {_arg(root)}`"
+
     problems: list[str] = []
     present = set()
     for entry in manifest.get("files", []):
-        path = root / entry["path"]
-        present.add(entry["path"])
+        rel = entry["path"]
+        path = root / rel
+        present.add(rel)
         if not path.is_file():
-            problems.append(f"missing: {entry['path']} — {fix}")
+            problems.append(f"missing: {rel} — {fix(rel)}")
             continue
         size = path.stat().st_size
         if size != entry["size"]:
             problems.append(
-                f"size mismatch: {entry['path']} is {size} bytes, expected {entry['size']} — {fix}"
+                f"size mismatch: {rel} is {size} bytes, expected {entry['size']} — {fix(rel)}"
             )
             continue
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             problems.append(
-                f"checksum mismatch: {entry['path']} has sha256 {actual}, expected {entry['sha256']} — {fix}"
+                f"checksum mismatch: {rel} has sha256 {actual}, expected {entry['sha256']} — {fix(rel)}"
             )
-    if profile == "real":
-        for entry in load_package_manifest()["files"]:
-            if entry["path"] not in present:
-                problems.append(f"missing: {entry['path']} (required) — {_how_to_get(entry, root)}")
+    for rel, entry in package.items():
+        if rel not in present:
+            problems.append(f"missing: {rel} (required) — {_how_to_get(entry, root)}")
     return VerifyResult(root, problems, len(present))
 
 
+def _arg(path: Path) -> str:
+    """``path`` as one shell word, for commands printed to be run as they are."""
+    return shlex.quote(str(path))
+
+
 def _how_to_get(entry: dict[str, Any], root: Path) -> str:
+    """The steps that put one package-manifest file into the weights dir ``root`` and record
+    it. A file without a Hugging Face home is placed by hand, then recorded by ``weights
+    download``, which records files already present in the dir (and fetches the rest)."""
     source = entry["source"]
+    record = f"digi2real weights download --dir {_arg(root)}"
     if source["type"] == "huggingface":
-        return f"run `digi2real weights download --dir {root}`"
-    return source.get("manual", f"download {source.get('url')} into {root}")
+        return f"run `{record}`"
+    url = source["url"]
+    target = root / entry["path"]
+    member = source.get("member")
+    if member:
+        archive = url.rsplit("/", 1)[-1]
+        place = (
+            f"download {url} and extract {member} from it to {target} "
+            f"(e.g. `unzip -j {shlex.quote(archive)} {shlex.quote(member)} -d {_arg(root)}`)"
+        )
+    else:
+        place = f"download {url} to {target}"
+    note = f" {source['manual']}" if source.get("manual") else ""
+    return (
+        f"{place}, then run `{record}` again: it records the file's size and sha256 in "
+        f"{root / DIR_MANIFEST} (and fetches nothing already recorded).{note}"
+    )
 
 
 def entry_for(root: Path, rel: str, meta: dict[str, Any]) -> dict[str, Any]:

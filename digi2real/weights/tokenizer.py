@@ -1,8 +1,14 @@
-"""The real CLIP tokenizer files, built offline from the BPE vocabulary open_clip ships."""
+"""The real CLIP tokenizer files, built offline from CLIP's BPE vocabulary.
+
+The vocabulary ships in this package (``bpe_simple_vocab_16e6.txt.gz``, OpenAI CLIP's file,
+MIT: ``bpe_simple_vocab_16e6.LICENSE.txt`` beside it) and is checked against its sha256 before
+use, so the tokenizer files built from it are the same bytes on every install.
+"""
 
 from __future__ import annotations
 
-import importlib.metadata
+import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,23 +16,26 @@ from digi2real.data import fsio
 from digi2real.weights.configs import CLIP_SPECIAL_TOKENS, CLIP_TOKENIZER_CONFIG
 from digi2real.weights.manifest import write_json
 
+CLIP_BPE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
+CLIP_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
-def clip_bpe_path() -> Path:
-    """The CLIP BPE vocabulary open_clip ships, found without importing open_clip (whose
-    imports want torchvision/timm)."""
+
+def read_clip_bpe(path: Path = CLIP_BPE) -> list[str]:
+    """The lines of CLIP's BPE vocabulary, after checking the compressed file's sha256."""
     try:
-        dist = importlib.metadata.distribution("open_clip_torch")
-    except importlib.metadata.PackageNotFoundError as error:
+        data = path.read_bytes()
+    except FileNotFoundError as error:
         raise FileNotFoundError(
-            "the tiny profile needs the real CLIP BPE vocabulary that open_clip_torch ships: "
-            "`pip install --no-deps open_clip_torch==3.3.0`"
+            f"CLIP's BPE vocabulary {path.name} is missing from the digi2real package "
+            f"({path}); reinstall digi2real"
         ) from error
-    for file in dist.files or []:
-        if file.name == "bpe_simple_vocab_16e6.txt.gz":
-            return Path(str(dist.locate_file(file)))
-    raise FileNotFoundError(
-        "open_clip_torch is installed but bpe_simple_vocab_16e6.txt.gz is not in it"
-    )
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != CLIP_BPE_SHA256:
+        raise ValueError(
+            f"{path} has sha256 {actual}, expected {CLIP_BPE_SHA256}: the packaged CLIP "
+            "vocabulary was altered; reinstall digi2real"
+        )
+    return gzip.decompress(data).decode("utf-8").split("\n")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -51,10 +60,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_clip_tokenizer(directory: Path) -> None:
     """vocab.json/merges.txt of the real CLIP tokenizer, built from the BPE merges the way CLIP
     builds its vocabulary (byte tokens, their ``</w>`` forms, merges, then the two specials)."""
-    import gzip
-
-    with gzip.open(clip_bpe_path()) as handle:
-        lines = handle.read().decode("utf-8").split("\n")
+    lines = read_clip_bpe()
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]

@@ -67,6 +67,13 @@ from digi2real.analysis.report.pictures import (
     draw_contact_sheet,
     plot_histogram,
 )
+from digi2real.analysis.report.pose import (
+    DEFAULT_PER_IDENTITY,
+    Landmarks,
+    detector_landmarks,
+    plot_pose,
+    pose_figures,
+)
 from digi2real.analysis.report.summary import format_report, format_source
 from digi2real.config import Config
 from digi2real.data import fsio, layout
@@ -124,6 +131,8 @@ def build_report(
     block: int = metrics.DEFAULT_BLOCK,
     judge: Judge | None = None,
     judge_name: str | None = None,
+    pose: Landmarks | None = None,
+    pose_per_identity: int = DEFAULT_PER_IDENTITY,
 ) -> dict[str, Any]:
     """Write ``OUT/report/`` (report.json, similarity_hist.png, contact sheets, optional HTML).
 
@@ -134,6 +143,9 @@ def build_report(
     identity-level figure uses those; the image-to-target figures stay the generation
     recognizer's (a target lives in that recognizer's space). A ``.npy`` gallery must then be
     in the judge's space too.
+    ``pose``: landmarks of a face image (e.g. :func:`.pose.detector_landmarks` of the
+    weights' detector): the yaw/pitch of up to ``pose_per_identity`` source renders and outputs
+    per identity, their spread, and ``pose.png``.
     Returns the report dict written to report.json.
     """
     check_threshold("leak_threshold", leak_threshold)
@@ -199,6 +211,9 @@ def build_report(
     )
     report["histogram_png"] = layout.REPORT_HISTOGRAM
     report["contact_sheets"] = [path.name for path in sheets]
+    if pose is not None:
+        report["pose"], samples = pose_figures(dataset, pose, per_identity=pose_per_identity)
+        report["pose_png"] = plot_pose(samples, report_dir / layout.REPORT_POSE).name
     _write_json(out.report_json, report)
     if html:
         write_html(report, report_dir, embed_images=embed_images)
@@ -222,6 +237,7 @@ def run_report(
     config: Config | None,
     thresholds: dict[str, float] | None = None,
     embed_images: bool = False,
+    pose: bool = False,
 ) -> str:
     """``digi2real report``: a converted dataset's report (and a refreshed dataset card), or
     with ``source`` the separation check of a source dataset before any GPU time."""
@@ -248,6 +264,13 @@ def run_report(
         else None
     )
     judge = judge_embedder(config) if config is not None else None
+    landmarks = None
+    if pose:
+        if config is None or config.weights is None:
+            raise ValueError("report --pose needs weights (--weights DIR): it runs the detector")
+        from digi2real.face.stack import FaceStack
+
+        landmarks = detector_landmarks(FaceStack.from_config(config).detector)
     result = build_report(
         out,
         gallery=gallery,
@@ -256,6 +279,7 @@ def run_report(
         embed_images=embed_images,
         judge=judge,
         judge_name=config.report.recognizer if config is not None and judge else None,
+        pose=landmarks,
         **thresholds,
     )
     write_card(out)

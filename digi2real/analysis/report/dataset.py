@@ -15,6 +15,7 @@ from digi2real.analysis import metrics
 from digi2real.data import layout
 from digi2real.data.embeddings import EmbeddingSet, load_embeddings
 from digi2real.data.layout import OutLayout
+from digi2real.data.manifest import read_table
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +53,19 @@ def _read_config(out_dir: Path) -> dict[str, Any]:
 
 def open_dataset(out_dir: str | Path) -> Dataset:
     """Read what the report needs from OUT: the manifest and the memory-mapped arrays."""
-    import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
     out = OutLayout(out_dir)
     manifest_path = out.manifest
     if not manifest_path.is_file():
         raise FileNotFoundError(f"no {layout.MANIFEST} in {out_dir}: is it a converted dataset?")
-    table = pq.read_table(manifest_path, columns=["key", "identity", "label", "path"])
+    table = read_table(manifest_path, columns=["key", "identity", "label", "path"])
     if table.num_rows == 0:
         raise ValueError(f"{manifest_path} has no rows: nothing to report on")
-    raw_labels = table.column("label").to_numpy().astype(np.int64)
+    # through Python lists: pyarrow's to_numpy imports pandas (half a second of start-up)
+    raw_labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     unique_labels, codes = np.unique(raw_labels, return_inverse=True)
-    names_per_row = table.column("identity").to_numpy(zero_copy_only=False)
+    names_per_row = np.asarray(table.column("identity").to_pylist(), dtype=object)
     # One identity per label: name each label by its first row, then check all rows agree.
     sorted_rows = np.argsort(raw_labels, kind="stable")
     sorted_labels = raw_labels[sorted_rows]

@@ -142,8 +142,9 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
                 for row in worst
             ],
         ),
-        "<h2>Contact sheets</h2>",
     ]
+    parts += _pose_section(report, report_dir, embed_images)
+    parts.append("<h2>Contact sheets</h2>")
     for name in report.get("contact_sheets", []):
         src = _image_src(report_dir / name, embed_images)
         parts.append(f"<p><img src='{src}' alt='{html_lib.escape(name)}'></p>")
@@ -151,3 +152,41 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
     path = report_dir / layout.REPORT_HTML
     fsio.atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
     return path
+
+
+def _pose_section(report: dict[str, Any], report_dir: Path, embed_images: bool) -> list[str]:
+    pose = report.get("pose")
+    if not pose:
+        return []
+
+    def row(side: str) -> tuple[Any, ...]:
+        figures = pose[side]
+        return (
+            side,
+            f"{figures['with_landmarks']} / {figures['images']}",
+            figures["yaw"].get("min"),
+            figures["yaw"].get("median"),
+            figures["yaw"].get("max"),
+            figures["identity_yaw_range"].get("median"),
+            figures["pitch"].get("min"),
+            figures["pitch"].get("max"),
+        )
+
+    src = _image_src(report_dir / layout.REPORT_POSE, embed_images)
+    return [
+        "<h2>Pose (degrees, from five landmarks)</h2>",
+        _table(
+            (
+                "",
+                "landmarks found",
+                "yaw min",
+                "yaw median",
+                "yaw max",
+                "median identity yaw range",
+                "pitch min",
+                "pitch max",
+            ),
+            [row("sources"), row("outputs")],
+        ),
+        f"<p><img src='{src}' alt='pose'></p>",
+    ]

@@ -19,6 +19,7 @@ import numpy as np
 from digi2real.analysis.report.dataset import Dataset, source_root
 from digi2real.analysis.report.figures import HIST_BINS, Figures
 from digi2real.data import fsio, layout
+from digi2real.data.manifest import read_table
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -153,7 +154,6 @@ def contact_sheets(
     sources: int = 2,
     images: int = 6,
 ) -> list[Path]:
-    import pyarrow.parquet as pq
 
     chosen = _sheet_identities(figures.figures, len(dataset.identities), identities)
     root = source_root(dataset.out_dir, dataset.config)
@@ -162,7 +162,7 @@ def contact_sheets(
         root = None
     wanted = np.isin(dataset.codes, [code for code, _ in chosen])
     wanted_rows = np.flatnonzero(wanted)
-    source_paths = pq.read_table(dataset.manifest_path, columns=["source_paths"]).column(
+    source_paths = read_table(dataset.manifest_path, columns=["source_paths"]).column(
         "source_paths"
     )
     rows: list[SheetRow] = []

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
-import torch.utils.data
 from PIL import Image
 
 from digi2real.data import fsio, layout
@@ -305,8 +304,11 @@ class RecordIOWriter(Writer):
         super().abort()
 
 
-class RecordIODataset(torch.utils.data.Dataset):
+class RecordIODataset:
     """A ``train.rec`` folder as (image, label) pairs, read like arcface_torch's MXFaceDataset.
+
+    A map-style dataset by protocol (``__len__``/``__getitem__``): torch's DataLoader takes it
+    as it is, and writing RecordIO does not import torch.
 
     ``image`` is HxWx3 uint8 RGB (what ``mx.image.imdecode`` gives), or ``transform(image)``.
     The file is opened lazily in each process, so DataLoader workers never share one file
