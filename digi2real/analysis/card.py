@@ -284,23 +284,12 @@ def hub_metadata(
     }
 
 
-def render_hub_card(
-    *,
-    config: dict[str, Any],
-    counts: dict[str, Any],
-    report: dict[str, Any] | None,
-    weights_manifest: dict[str, Any],
-    source_license: str | None,
-) -> str:
-    """The dataset card as a Hub ``README.md``: YAML metadata, the card, how to load it."""
-    body = render_dataset_card(
-        config=config,
-        counts=counts,
-        report=report,
-        weights_manifest=weights_manifest,
-        source_license=source_license,
-    )
-    restricted = bool(restrictions(config, weights_manifest, source_license))
+def render_hub_card(**card: Any) -> str:
+    """The dataset card as a Hub ``README.md`` (``card``: :func:`render_dataset_card`'s
+    keyword arguments): YAML metadata, the card, how to load it."""
+    body = render_dataset_card(**card)
+    config, counts = card["config"], card["counts"]
+    restricted = bool(restrictions(config, card["weights_manifest"], card["source_license"]))
     metadata = hub_metadata(config=config, counts=counts, restricted=restricted)
     loading = [
         "## Loading",
