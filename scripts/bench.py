@@ -25,6 +25,11 @@ throughput of an R100-sized ArcFace network, and the peak RSS of planning a 1M-i
 
     .venv/bin/python scripts/bench.py --profile tiny
     python scripts/bench.py --profile full-random --device cuda --images 64 --json bench.json
+
+``--engine-dtypes float16 bfloat16`` times the engine at each dtype (one model copy, converted
+in place after the naive loop); ``--variants fp16 bf16`` checks each per call. The JSON is
+rewritten after every section (``"complete": false`` until the end), so a run stopped at a
+time limit keeps what it measured (scripts/gpu_check.py reads it).
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ logger = logging.getLogger("bench")
 
 PROFILES = ("tiny", "full-random", "real")
 EMBED_ARCHS = {"r100": (3, 13, 30, 3), "r50": (3, 4, 14, 3), "r18": (2, 2, 2, 2)}
-VARIANTS = ("channels_last", "half", "compile")
+VARIANTS = ("channels_last", "half", "fp16", "bf16", "compile")
+# "half" is the device's half type (fp16 on CUDA, bf16 on CPU); these name one explicitly
+HALF_VARIANTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NAIVE_IMAGES_PER_PROMPT = 4  # Arc2Face README
 # Per-call relative error bars against fp32 (||fast - ref|| / ||ref||, random inputs).
 TOL_SAME_DTYPE = 1e-4  # channels_last / compile in fp32: only float reassociation
@@ -281,7 +288,8 @@ def build_setup(args: argparse.Namespace, workdir: Path) -> Setup:
     if dtype != naive_dtype:
         raise ValueError(
             f"--dtype {dtype}: the naive loop runs {naive_dtype} on {device.type} and both paths "
-            f"share one model copy; use --dtype {naive_dtype} (time other dtypes with --variants)"
+            f"share one model copy; use --dtype {naive_dtype} (time other dtypes with "
+            "--engine-dtypes, per call with --variants)"
         )
     notes = []
     if args.profile == "real":
@@ -379,6 +387,18 @@ def run_naive(
             requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
+    # one untimed call at the timed calls' shapes (2 steps: each step has the same shapes), as
+    # the engine gets: CUDA kernel loading, cuDNN/cuBLAS handles and first-call allocations
+    # would otherwise be charged to the naive loop alone and inflate the speedup
+    with torch.inference_mode():
+        warm = pipe(
+            prompt_embeds=gen.encoder.encode(ids[:1]),
+            num_inference_steps=2,
+            guidance_scale=setup.config.generation.guidance,
+            num_images_per_prompt=NAIVE_IMAGES_PER_PROMPT,
+        ).images
+    face.postprocess([np.asarray(image) for image in warm])
+    sync(setup.device)
     clock = StageClock(setup.device)
     hooks = clock.hook("encode", gen.encoder.text_encoder) + clock.hook("denoise", gen.unet)
     hooks += clock.hook("decode", gen.vae.decoder)
@@ -451,7 +471,7 @@ def run_engine(
         work,
         peak,
         batch=engine.batch_size,
-        dtype=engine.dtype,
+        dtype=gen.dtype_name,  # the generator's own: --engine-dtypes converts it in place
         compile=gen.compiled,
         channels_last=gen.channels_last,
         overlap=engine.overlap,
@@ -463,6 +483,19 @@ def run_engine(
 
 
 # -- quality and options -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """Full fp32 matrix products and convolutions for the per-call checks: cuDNN convolutions
+    default to TF32 (10-bit mantissa) on CUDA, which would put the fp32 reference itself
+    about 1e-3 off, above the 1e-4 bar of the same-dtype options."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def relative_error(fast: torch.Tensor, ref: torch.Tensor) -> float:
@@ -480,7 +513,14 @@ def measure_variants(
     setup: Setup, variants: list[str], batch: int, repeats: int
 ) -> list[dict[str, Any]]:
     """Per-call UNet and VAE-decode seconds and relative error against fp32, eager, for each
-    speed option alone (on fp32 copies of the models; inputs random, seeded)."""
+    speed option alone (on fp32 copies of the models; inputs random, seeded; TF32 off)."""
+    with tf32_off():
+        return _measure_variants(setup, variants, batch, repeats)
+
+
+def _measure_variants(
+    setup: Setup, variants: list[str], batch: int, repeats: int
+) -> list[dict[str, Any]]:
     import copy
 
     gen = setup.generator
@@ -541,8 +581,8 @@ def measure_variants(
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
             fmt = torch.channels_last
-        elif variant == "half":
-            dtype = half_dtype(device)
+        elif variant == "half" or variant in HALF_VARIANTS:
+            dtype = HALF_VARIANTS.get(variant) or half_dtype(device)
             tolerance = TOL_HALF[dtype]
             unet.to(dtype)
             vae.to(dtype)
@@ -828,22 +868,14 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def render(report: dict[str, Any]) -> str:
-    out = []
-    head = report["run"]
-    out.append(
-        f"digi2real bench: profile {head['profile']}, device {head['device_name']}, "
-        f"{head['resolution']}x{head['resolution']}, {head['steps']} steps, guidance "
-        f"{head['guidance']}, matmul peak {fmt(report['peak']['tflops'])} TFLOP/s "
-        f"({report['peak']['dtype']}), {fmt(report['flops_per_image'] / 1e12)} TFLOP/image"
-    )
-    paths = report["paths"]
+def paths_table(paths: list[dict[str, Any]]) -> str:
     rows = []
     naive = paths[0]
     metrics = [
         ("images", "images"),
         ("batch", "batch"),
         ("dtype", "dtype"),
+        ("compile", "compile"),
         ("wall s", "wall_s"),
         ("images/s", "images_per_s"),
         ("s/image", "s_per_image"),
@@ -859,12 +891,26 @@ def render(report: dict[str, Any]) -> str:
             value = path["stages_s"][key] if key in STAGES else path.get(key)
             if key == "postprocess_exposed_s" and path["path"] == "naive":
                 value = path["stages_s"]["postprocess"]
+            if key == "compile" and isinstance(value, bool):
+                value = "on" if value else "off"  # fmt() would print a bool as pass/FAIL
             row.append(fmt(value))
         rows.append(row)
     rows.append(
         ["speedup vs naive"] + [fmt(p["images_per_s"] / naive["images_per_s"]) for p in paths]
     )
-    out.append(table(["metric", *[p["path"] + f" (b{p['batch']})" for p in paths]], rows))
+    return table(["metric", *[p["path"] + f" (b{p['batch']})" for p in paths]], rows)
+
+
+def render(report: dict[str, Any]) -> str:
+    out = []
+    head = report["run"]
+    out.append(
+        f"digi2real bench: profile {head['profile']}, device {head['device_name']}, "
+        f"{head['resolution']}x{head['resolution']}, {head['steps']} steps, guidance "
+        f"{head['guidance']}, matmul peak {fmt(report['peak']['tflops'])} TFLOP/s "
+        f"({report['peak']['dtype']}), {fmt(report['flops_per_image'] / 1e12)} TFLOP/image"
+    )
+    out.append(paths_table(report["paths"]) if report.get("paths") else "(no paths timed)")
     if report.get("variants"):
         rows = [
             [
@@ -882,7 +928,7 @@ def render(report: dict[str, Any]) -> str:
         ]
         out.append(
             "\nper-call speed options (batch "
-            f"{report['variant_batch']}), relative error against fp32:\n"
+            f"{report['variant_batch']}), relative error against fp32 (TF32 off):\n"
             + table(
                 ["variant", "UNet s", "VAE s", "UNet x", "VAE x", "UNet err", "VAE err", "tol", ""],
                 rows,
@@ -949,10 +995,61 @@ def render(report: dict[str, Any]) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    # whole or not at all: a reader (scripts/gpu_check.py) may read it after a kill
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def time_paths(
+    args: argparse.Namespace,
+    setup: Setup,
+    face: FaceStack,
+    ids: np.ndarray,
+    work: float,
+    peak: float,
+    report: dict[str, Any],
+    save: Callable[[], None],
+) -> None:
+    """(a) the naive loop, then (b) the engine at each dtype and batch size, into ``report``."""
+    gen, device = setup.generator, setup.device
+    count = len(ids) * NAIVE_IMAGES_PER_PROMPT
+    logger.info("naive loop: %d identities x %d images", len(ids), NAIVE_IMAGES_PER_PROMPT)
+    naive, naive_images = run_naive(setup, ids, face, work, peak)
+    paths = [naive]
+    report["paths"] = paths
+    save()
+    # the engine's targets: as many as the naive loop made images, every one distinct
+    targets = unit_rows(count, gen.encoder.id_dim, seed=args.seed + 1)
+    engine = Engine(setup.config, setup.face_weights, device=str(device), generator=gen)
+    dtypes = args.engine_dtypes or [setup.dtype]
+    for dtype in dtypes:
+        # after the naive loop, so one model copy serves every dtype (converted in place;
+        # compile, if on, recompiles for the new dtype in the warm-up below)
+        gen.to(device, getattr(torch, dtype))
+        for batch in args.batch_sizes:
+            engine.batch_size = batch
+            # warm-up at every batch shape the timed run will see (compile specialises on it)
+            for size in sorted({min(batch, count), count % batch} - {0}):
+                engine.generate(targets[:size], list(range(size)))
+            result, images = run_engine(engine, targets, device, work, peak)
+            result["path"] = f"engine b{batch}" + (f" {dtype}" if len(dtypes) > 1 else "")
+            paths.append(result)
+            save()
+    report["images_produced"] = {
+        "naive": len(naive_images),
+        "engine": len(images),
+        "naive_shape": list(naive_images[0].shape),
+        "engine_shape": list(images[0].shape),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -991,39 +1088,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "flops": flops,
             "flops_per_image": work,
             "peak": peak_info,
+            "complete": False,
         }
+        # written after each section too: a run stopped at a time limit keeps what it measured
+        save = (lambda: write_report(args.json, report)) if args.json else (lambda: None)
+        save()
         if args.variants and not args.skip_variants:
             report["variant_batch"] = args.variant_batch
+            report["variant_tf32"] = False
             logger.info("per-call speed options")
             report["variants"] = measure_variants(
                 setup, args.variants, args.variant_batch, args.repeats
             )
+            save()
         if args.profile == "tiny" and not args.skip_trajectories:
             logger.info("trajectories")
             report["trajectories"] = trajectory_checks(setup, args.steps, 4)
             if "compile" in args.variants:
                 report["trajectories"].append(compiled_trajectory(setup, args.steps, 4))
-        logger.info("naive loop: %d identities x %d images", identities, NAIVE_IMAGES_PER_PROMPT)
-        naive, naive_images = run_naive(setup, ids, face, work, peak)
-        paths = [naive]
-        # the engine's targets: as many as the naive loop made images, every one distinct
-        targets = unit_rows(count, gen.encoder.id_dim, seed=args.seed + 1)
-        engine = Engine(setup.config, setup.face_weights, device=str(device), generator=gen)
-        for batch in args.batch_sizes:
-            engine.batch_size = batch
-            # warm-up at every batch shape the timed run will see (compile specialises on it)
-            for size in sorted({min(batch, count), count % batch} - {0}):
-                engine.generate(targets[:size], list(range(size)))
-            result, images = run_engine(engine, targets, device, work, peak)
-            result["path"] = f"engine b{batch}"
-            paths.append(result)
-        report["paths"] = paths
-        report["images_produced"] = {
-            "naive": len(naive_images),
-            "engine": len(images),
-            "naive_shape": list(naive_images[0].shape),
-            "engine_shape": list(images[0].shape),
-        }
+            save()
+        if not args.skip_paths:
+            time_paths(args, setup, face, ids, work, peak, report, save)
         if not args.skip_embedding:
             logger.info("embedding stage")
             report["embedding"] = embedding_throughput(
@@ -1037,6 +1122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.plan_images:
             logger.info("planning memory")
             report["plan_memory"] = plan_memory(args.plan_images)
+    report["complete"] = True
     return report
 
 
@@ -1054,6 +1140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--compile", action="store_true", help="generation.compile for (b)")
     parser.add_argument(
+        "--engine-dtypes",
+        nargs="+",
+        choices=("float32", "float16", "bfloat16"),
+        help="time the engine at each of these dtypes, the model converted in place after the "
+        "naive loop (default: --dtype only); rows are then named 'engine bN DTYPE'",
+    )
+    parser.add_argument(
         "--no-channels-last", action="store_true", help="generation.channels_last off (CUDA)"
     )
     parser.add_argument(
@@ -1067,6 +1160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant-batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-variants", action="store_true")
+    parser.add_argument(
+        "--skip-paths", action="store_true", help="no naive loop or engine run (checks only)"
+    )
     parser.add_argument("--skip-trajectories", action="store_true")
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--embed-arch", choices=sorted(EMBED_ARCHS), default="r100")
@@ -1108,8 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print(render(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        write_report(args.json, report)
     return 0
 
 
