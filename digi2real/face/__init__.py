@@ -8,30 +8,29 @@ image files to embeddings that every caller uses).
 
 from __future__ import annotations
 
-from digi2real.face.align import (
-    ARCFACE_TEMPLATE,
-    AlignResult,
-    align_face,
-    center_crop_align,
-    is_aligned_crop,
-    locate_and_align,
-)
-from digi2real.face.detect import Detection, FaceDetector
-from digi2real.face.embed import FaceEmbedder
-from digi2real.face.session import make_session
-from digi2real.weights.face_config import DetectorSpec, RecognizerSpec
+import importlib
+from typing import Any
 
-__all__ = [
-    "ARCFACE_TEMPLATE",
-    "AlignResult",
-    "Detection",
-    "DetectorSpec",
-    "FaceDetector",
-    "FaceEmbedder",
-    "RecognizerSpec",
-    "align_face",
-    "center_crop_align",
-    "is_aligned_crop",
-    "locate_and_align",
-    "make_session",
-]
+# imported when first used: ``face.pose`` (pure numpy) must not pull onnxruntime and
+# insightface into a command that only reads landmarks-free files
+_EXPORTS = {
+    "ARCFACE_TEMPLATE": "digi2real.face.align",
+    "AlignResult": "digi2real.face.align",
+    "align_face": "digi2real.face.align",
+    "center_crop_align": "digi2real.face.align",
+    "is_aligned_crop": "digi2real.face.align",
+    "locate_and_align": "digi2real.face.align",
+    "Detection": "digi2real.face.detect",
+    "FaceDetector": "digi2real.face.detect",
+    "FaceEmbedder": "digi2real.face.embed",
+    "make_session": "digi2real.face.session",
+    "DetectorSpec": "digi2real.weights.face_config",
+    "RecognizerSpec": "digi2real.weights.face_config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
