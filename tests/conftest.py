@@ -110,3 +110,33 @@ def keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# -- an S3 API on loopback (test_scale_store, the Ray cluster on a store) ----------------------
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 for the whole session; this process's environment (and
+    so every process it starts) points botocore at it with a test-only credential pair."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    import logging
+
+    from s3_helpers import S3, client_env
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = client_env(f"http://{host}:{port}")
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            import fsspec
+
+            fs = fsspec.filesystem("s3", use_listings_cache=False)
+            yield S3(env["AWS_ENDPOINT_URL"], env, fs)
+    finally:
+        server.stop()

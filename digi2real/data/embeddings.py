@@ -11,10 +11,12 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from digi2real.data import fsio
+from digi2real.data.store import ObjectPath, location
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,8 @@ class EmbeddingSet:
     paths: list[str] | None = None
 
 
-def rows_path(path: str | Path) -> Path:
-    path = Path(path)
+def rows_path(path: str | Path | ObjectPath) -> Any:
+    path = location(path)
     return path.with_name(path.stem + ROWS_SUFFIX)
 
 
@@ -99,18 +101,19 @@ def save_embeddings(
 
 
 def load_embeddings(path: str | Path, *, mmap: bool = False) -> EmbeddingSet:
-    import pyarrow.parquet as pq
+    """An embedding file (a path or a URL: a store's object is read whole) and its rows."""
+    from digi2real.data.manifest import read_npy, read_table
 
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding file not found: {path}")
-    array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    array = read_npy(path, mmap=mmap)
     if not mmap:
         array = check_embeddings(array, name=str(path))
     identities = paths = None
     rows = rows_path(path)
     if rows.is_file():
-        table = pq.read_table(rows)
+        table = read_table(rows)
         if table.num_rows != array.shape[0]:
             raise ValueError(f"{rows} has {table.num_rows} rows for {array.shape[0]} embeddings")
         if "identity" in table.column_names:

@@ -25,6 +25,9 @@ A pruned copy (``digi2real prune``) adds ``prune.json`` (or holds only ``kept_ke
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from digi2real.data.store import ObjectPath, location
 
 IMAGES = "images"
 ORIGINALS = "originals"
@@ -82,87 +85,103 @@ def image_path(identity: str, index: int, folder: str = IMAGES) -> str:
 
 
 class OutLayout:
-    """The paths of one ``OUT/``."""
+    """The paths of one ``OUT/``: a local folder or a prefix in an object store
+    (:func:`digi2real.data.store.location`); the properties are ``Path`` or ``ObjectPath``
+    accordingly (typed ``Any``: both answer the same reading methods)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path | ObjectPath) -> None:
+        self.root: Any = location(root)
 
-    def __truediv__(self, relative: str) -> Path:
+    def __truediv__(self, relative: str) -> Any:
         return self.root / relative
 
     @property
-    def images(self) -> Path:
+    def images(self) -> Any:
         return self.root / IMAGES
 
     @property
-    def originals(self) -> Path:
+    def originals(self) -> Any:
         return self.root / ORIGINALS
 
     @property
-    def manifest(self) -> Path:
+    def manifest(self) -> Any:
         return self.root / MANIFEST
 
     @property
-    def rejected(self) -> Path:
+    def rejected(self) -> Any:
         return self.root / REJECTED
 
     @property
-    def errors(self) -> Path:
+    def errors(self) -> Any:
         return self.root / ERRORS
 
     @property
-    def labels(self) -> Path:
+    def labels(self) -> Any:
         return self.root / LABELS
 
     @property
-    def config(self) -> Path:
+    def config(self) -> Any:
         return self.root / CONFIG
 
     @property
-    def card(self) -> Path:
+    def card(self) -> Any:
         return self.root / CARD
 
     @property
-    def hub_card(self) -> Path:
+    def hub_card(self) -> Any:
         return self.root / HUB_CARD
 
     @property
-    def report(self) -> Path:
+    def report(self) -> Any:
         return self.root / REPORT
 
     @property
-    def report_json(self) -> Path:
+    def report_json(self) -> Any:
         return self.report / REPORT_JSON
 
     @property
-    def state(self) -> Path:
+    def state(self) -> Any:
         return self.root / STATE
 
     @property
-    def run_json(self) -> Path:
+    def run_json(self) -> Any:
         return self.state / RUN_JSON
 
     @property
-    def plan(self) -> Path:
+    def plan(self) -> Any:
         return self.state / PLAN
 
     @property
-    def plan_errors(self) -> Path:
+    def plan_errors(self) -> Any:
         return self.state / PLAN_ERRORS
 
     @property
-    def outputs(self) -> Path:
+    def outputs(self) -> Any:
         return self.state / OUTPUTS
 
     @property
-    def targets(self) -> Path:
+    def targets(self) -> Any:
         return self.state / TARGETS
 
-    def cache(self, shard: int) -> Path:
+    def cache(self, shard: int) -> Any:
         return self.state / CACHE / f"shard-{shard:06d}.parquet"
 
-    def shard(self, shard: int) -> Path:
+    def shard(self, shard: int) -> Any:
         return self.state / SHARDS / f"{shard:06d}"
 
     def is_committed(self, shard: int) -> bool:
         return (self.shard(shard) / MANIFEST).is_file()
+
+    def committed(self) -> set[int]:
+        """Every shard whose commit marker exists, from one listing of the shard parts (on a
+        store, a LIST instead of a HEAD per shard)."""
+        shards = self.state / SHARDS
+        if isinstance(shards, ObjectPath):
+            names = list(shards.listing()) if shards.exists() else []
+        else:
+            names = [p.relative_to(shards).as_posix() for p in shards.glob(f"*/{MANIFEST}")]
+        return {
+            int(folder)
+            for folder, _, name in (n.partition("/") for n in names)
+            if name == MANIFEST and folder.isdigit()
+        }

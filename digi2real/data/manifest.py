@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from digi2real.data import fsio
 from digi2real.data.readers import ErrorRow
+from digi2real.data.store import ObjectPath
 from digi2real.data.writers import sample_key
 
 MANIFEST_SCHEMA = pa.schema(
@@ -86,10 +87,31 @@ def error_table(rows: Sequence[ErrorRow]) -> pa.Table:
     )
 
 
-def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """One parquet file (``columns`` of it). ``pq.read_table`` goes through pyarrow.dataset,
-    which imports pandas: half a second a command that only reads a manifest should not pay."""
-    return pq.ParquetFile(path).read(columns=list(columns) if columns is not None else None)
+def read_table(
+    path: str | Path | ObjectPath,
+    columns: Sequence[str] | None = None,
+    schema: pa.Schema | None = None,
+) -> pa.Table:
+    """One parquet file (``columns`` of it; ``schema``: cast to it), local or on a store.
+    ``pq.read_table`` goes through pyarrow.dataset, which imports pandas: half a second a
+    command that only reads a manifest should not pay."""
+    source = pa.BufferReader(path.read_bytes()) if isinstance(path, ObjectPath) else path
+    table = pq.ParquetFile(source).read(columns=list(columns) if columns is not None else None)
+    return table if schema is None else table.cast(schema)
+
+
+def parquet_rows(path: str | Path | ObjectPath) -> int:
+    """The number of rows of a parquet file, from its footer (local) or its object."""
+    source = pa.BufferReader(path.read_bytes()) if isinstance(path, ObjectPath) else path
+    return int(pq.ParquetFile(source).metadata.num_rows)
+
+
+def read_npy(path: str | Path | ObjectPath, *, mmap: bool = False) -> np.ndarray:
+    """An ``.npy`` array; ``mmap``: memory-mapped where the file is local (a store's object
+    is read whole)."""
+    if isinstance(path, ObjectPath):
+        return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from digi2real.data.store import ObjectPath, location
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,8 +56,8 @@ class Writer(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, *, out_dir: str | Path) -> None:
-        self.out_dir = Path(out_dir)
+    def __init__(self, *, out_dir: str | Path | ObjectPath) -> None:
+        self.out_dir: Any = location(out_dir)
         self.closed = False
         self._failed: BaseException | None = None
 
@@ -129,7 +131,7 @@ def register_writer(name: str) -> Callable[[W], W]:
     return decorate
 
 
-def get_writer(name: str, out_dir: str | Path, **kwargs: Any) -> Writer:
+def get_writer(name: str, out_dir: str | Path | ObjectPath, **kwargs: Any) -> Writer:
     """A new writer of format ``name`` (one of :data:`WRITERS`) rooted at ``out_dir``."""
     try:
         cls = WRITERS[name]

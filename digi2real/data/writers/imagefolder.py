@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from digi2real.data import fsio, layout
+from digi2real.data.store import ObjectPath
 from digi2real.data.writers import Sample, Writer, register_writer
 
 
@@ -16,7 +17,7 @@ class ImageFolderWriter(Writer):
     usable path component is a ValueError rather than a silently renamed class.
     """
 
-    def __init__(self, *, out_dir: str | Path, fsync: bool = True) -> None:
+    def __init__(self, *, out_dir: str | Path | ObjectPath, fsync: bool = True) -> None:
         super().__init__(out_dir=out_dir)
         self.fsync = fsync
         self.count = 0
@@ -26,7 +27,7 @@ class ImageFolderWriter(Writer):
         """The image's path relative to ``out_dir`` (POSIX separators, as in the manifest)."""
         return layout.image_path(fsio.safe_component(identity), index)
 
-    def path_for(self, identity: str, index: int) -> Path:
+    def path_for(self, identity: str, index: int) -> Path | ObjectPath:
         return fsio.safe_join(self.out_dir, *self.relative_path(identity, index).split("/"))
 
     def write(self, sample: Sample) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from digi2real.data import fsio, layout
+from digi2real.data.store import ObjectPath
 from digi2real.data.writers import Sample, Writer, register_writer
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,10 @@ class RecordIOWriter(Writer):
     label above 0) get an empty identity range, so record ``N + 1 + label`` always belongs to
     ``label``. ``image_size`` (height, width) defaults to the first image's; every image must
     match it, since ``property`` declares one size.
+
+    Record 0 holds counts known only at the end. ``expect=(images, classes)`` gives them up
+    front (checked at :meth:`close`), so the file is written front to back, as an object on a
+    store must be; without it, record 0's slot is reserved and filled by a seek at the end.
     """
 
     HEADER_SLOT = len(frame(pack(IRHeader(2, [0.0, 0.0], 0, 0))))
@@ -183,11 +188,13 @@ class RecordIOWriter(Writer):
     def __init__(
         self,
         *,
-        out_dir: str | Path,
+        out_dir: str | Path | ObjectPath,
         image_size: tuple[int, int] | None = None,
+        expect: tuple[int, int] | None = None,
         fsync: bool = True,
     ) -> None:
         super().__init__(out_dir=out_dir)
+        self.expect = expect
         self.rec_dir = self.out_dir / layout.RECORDIO
         self.image_size: tuple[int, int] | None = None
         if image_size is not None:
@@ -205,9 +212,26 @@ class RecordIOWriter(Writer):
         if self._rec is None:
             self._rec = fsio.AtomicFile(self.rec_dir / layout.RECORDIO_DATA, fsync=self.fsync)
             self._pending.append(self._rec)
-            # record 0 needs counts known only at the end: reserve its fixed-size slot
-            self._rec.write(b"\0" * self.HEADER_SLOT)
+            if self.expect is not None:
+                images, classes = self.expect
+                self._rec.write(self._header(images + 1, images + 1 + classes))
+            elif not self._rec.seekable():
+                raise ValueError(
+                    f"{self.rec_dir}: RecordIO on a store needs expect=(images, classes): an "
+                    "object cannot be sought back into"
+                )
+            else:
+                # record 0 needs counts known only at the end: reserve its fixed-size slot
+                self._rec.write(b"\0" * self.HEADER_SLOT)
         return self._rec
+
+    def _header(self, first_identity: int, end: int) -> bytes:
+        header = frame(pack(IRHeader(2, [float(first_identity), float(end)], 0, 0)))
+        if len(header) != self.HEADER_SLOT:  # cannot happen: labels are positive floats
+            raise RuntimeError(
+                f"RecordIO header is {len(header)} bytes, slot has {self.HEADER_SLOT}"
+            )
+        return header
 
     def _append(self, rec: fsio.AtomicFile, record: bytes) -> int:
         index = len(self._offsets)
@@ -263,14 +287,20 @@ class RecordIOWriter(Writer):
         for start, end in zip(self._starts, ends, strict=True):
             index = len(self._offsets)
             self._append(rec, pack(IRHeader(2, [float(start), float(end)], index, 0)))
-        header = frame(pack(IRHeader(2, [float(first_identity), float(len(self._offsets))], 0, 0)))
-        if len(header) != self.HEADER_SLOT:  # cannot happen: labels are positive floats
-            raise RuntimeError(
-                f"RecordIO header is {len(header)} bytes, slot has {self.HEADER_SLOT}"
+        if self.expect is None:
+            rec.seek(0)
+            rec.write(self._header(first_identity, len(self._offsets)))
+        elif self.expect != (first_identity - 1, num_classes):
+            raise ValueError(
+                f"RecordIO in {self.rec_dir}: expected {self.expect[0]} images of "
+                f"{self.expect[1]} classes, got {first_identity - 1} of {num_classes}"
             )
-        rec.seek(0)
-        rec.write(header)
 
+        # an old idx beside the new rec would look complete and be wrong: drop it (and the
+        # property, published last) before the new ones exist anywhere, even as an object
+        # in the making
+        for name in (layout.RECORDIO_PROPERTY, layout.RECORDIO_INDEX):
+            fsio.remove(self.rec_dir / name)
         index_file = fsio.AtomicFile(self.rec_dir / layout.RECORDIO_INDEX, fsync=self.fsync)
         self._pending.append(index_file)
         lines: list[str] = []
@@ -286,10 +316,7 @@ class RecordIOWriter(Writer):
         prop.write(f"{num_classes},{height},{width}\n".encode("ascii"))
         for handle in self._pending:
             handle.sync()
-        # an old idx beside the new rec would look complete and be wrong: drop it first;
-        # then publish the rec, its idx, and property last
-        for name in (layout.RECORDIO_PROPERTY, layout.RECORDIO_INDEX):
-            fsio.remove(self.rec_dir / name)
+        # the rec, its idx, and property last
         for handle in (rec, index_file, prop):
             handle.commit()
         self._pending.clear()

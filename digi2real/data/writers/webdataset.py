@@ -4,7 +4,8 @@ Each sample becomes ``<key>.jpg`` (the JPEG bytes unchanged), ``<key>.cls`` (the
 decimal text, WebDataset's convention for class ids) and ``<key>.json`` (``meta``, sorted
 keys, compact). Tar headers carry nothing time-, user- or host-dependent, so the same
 samples give byte-identical shards. A shard is written under a temporary name and renamed
-in when the next shard starts or the writer closes.
+in when the next shard starts or the writer closes; on an object store it streams to its
+object (a multipart upload once large), published whole at that moment.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 from digi2real.data import fsio, layout
+from digi2real.data.store import ObjectPath
 from digi2real.data.writers import Sample, Writer, register_writer
 
 logger = logging.getLogger(__name__)
@@ -50,11 +52,11 @@ def _check_key(key: str) -> None:
 class WebDatasetWriter(Writer):
     """Tars grouped by ``sample.shard``; samples of one shard must arrive together."""
 
-    def __init__(self, *, out_dir: str | Path, fsync: bool = True) -> None:
+    def __init__(self, *, out_dir: str | Path | ObjectPath, fsync: bool = True) -> None:
         super().__init__(out_dir=out_dir)
         self.wds_dir = self.out_dir / layout.WEBDATASET
         self.fsync = fsync
-        self.written: list[Path] = []
+        self.written: list[Path | ObjectPath] = []
         self._done: set[int] = set()
         self._shard: int | None = None
         self._file: fsio.AtomicFile | None = None
