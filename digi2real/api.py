@@ -14,6 +14,7 @@ from digi2real.config import Config
 from digi2real.data.embeddings import check_embeddings, l2_normalize, load_embeddings
 from digi2real.data.images import load_image
 from digi2real.data.readers import IMAGE_EXTENSIONS, image_files
+from digi2real.data.store import location
 from digi2real.device import torch_threads
 from digi2real.face.align import align_at
 from digi2real.face.images import embed_images
@@ -75,8 +76,8 @@ def resolve_config(
     if config is not None:
         return Config.from_yaml(config)
     if preset is None:
-        root = Path(weights_dir) if weights_dir is not None else default_weights_dir("real")
-        tiny = (root / DIR_MANIFEST).is_file() and open_weights(root).profile == "tiny"
+        root = location(weights_dir) if weights_dir is not None else default_weights_dir("real")
+        tiny = (root / DIR_MANIFEST).is_file() and open_weights(str(root)).profile == "tiny"
         preset = "tiny" if tiny else "default"
     return Config.preset_named(preset)
 

@@ -149,6 +149,10 @@ class RunConfig(Section):
     ray_address: Text | None = None
     torch_threads: Positive = 1  # per worker, fixed for CPU determinism
     max_shard_retries: Annotated[int, Strict(), Field(ge=0)] = 2
+    # the same command on N nodes: this one runs the shards whose index % num_nodes ==
+    # node_rank; None: from SLURM_NTASKS/SLURM_PROCID, else WORLD_SIZE/RANK, else 1 and 0
+    num_nodes: Positive | None = None
+    node_rank: Annotated[int, Strict(), Field(ge=0)] | None = None
 
 
 class ConfigError(ValueError):
@@ -358,6 +362,8 @@ PLACEMENT_FIELDS = (
     "run.runner",
     "run.ray_address",
     "run.max_shard_retries",
+    "run.num_nodes",
+    "run.node_rank",
 )
 
 # Fields that may change on an existing output: placement (float rounding of batched kernels

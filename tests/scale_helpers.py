@@ -22,7 +22,9 @@ import yaml
 FORMATS = "imagefolder,webdataset,recordio"
 IDENTITIES = 3
 # fields that may differ between runs of one output (config.FREE_FIELDS): how it was run
-RUN_FIELDS = ("devices", "runner", "ray_address", "max_shard_retries")
+RUN_FIELDS = ("devices", "runner", "ray_address", "max_shard_retries", "num_nodes", "node_rank")
+# and where: host paths, which also differ between a local run and one on an object store
+HOST_PATHS = ("source.root", "weights")
 TEMP_NAME = re.compile(r"^\..+\.tmp$")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,10 +178,17 @@ def work_window(argv: list[str], *, anchor: Path, log: Path) -> float:
     return time.monotonic() - start
 
 
-def killed_after(argv: list[str], delay: float, *, anchor: Path, log: Path) -> int | None:
+def killed_after(
+    argv: list[str],
+    delay: float,
+    *,
+    anchor: Path,
+    log: Path,
+    env: dict[str, str] | None = None,
+) -> int | None:
     """Start ``digi2real ARGV`` (:func:`launch`) and SIGKILL its process group ``delay``
     seconds after ``anchor`` appears; the exit code, or None when it was killed."""
-    process = launch(argv, log=log)
+    process = launch(argv, env=env, log=log)
     try:
         _wait_for(anchor, process)
         process.join(timeout=delay)
@@ -201,15 +210,16 @@ def _normal_config(record: dict) -> dict:
     return record
 
 
-def tree(out: Path) -> dict[str, bytes]:
-    """Every file under ``out`` as bytes (run state included, its temporary files not), with
-    what may differ between runs of one output taken out: config.yaml's environment (which
-    holds the placement: devices, runner, batch size...) and the run state's run.json."""
+def tree(out: Any) -> dict[str, bytes]:
+    """Every file under ``out`` (a folder, or a URL / ObjectPath of a store's prefix: object
+    for object) as bytes (run state included, its temporary files not), with what may differ
+    between runs of one output taken out: config.yaml's environment (which holds the
+    placement: devices, runner, batch size... and the host paths) and in the run state's
+    run.json the placement and the host paths."""
+    from digi2real.data.store import files_under, location
+
     files = {}
-    for path in sorted(out.rglob("*")):
-        if not path.is_file():
-            continue
-        rel = path.relative_to(out).as_posix()
+    for rel, path in sorted(files_under(location(out))):
         if rel.startswith(".digi2real/") and TEMP_NAME.match(path.name):
             continue  # a killed write's leftover in the run state: never read, allowed
         data = path.read_bytes()
@@ -217,14 +227,14 @@ def tree(out: Path) -> dict[str, bytes]:
             data = yaml.safe_dump(_normal_config(yaml.safe_load(data))).encode()
         elif rel == ".digi2real/run.json":
             record = json.loads(data)
-            for key in RUN_FIELDS:
-                record["config"].pop(f"run.{key}", None)
+            for key in [f"run.{key}" for key in RUN_FIELDS] + list(HOST_PATHS):
+                record["config"].pop(key, None)
             data = json.dumps(record, sort_keys=True).encode()
         files[rel] = data
     return files
 
 
-def assert_same_output(out: Path, expected: Path) -> None:
+def assert_same_output(out: Any, expected: Path) -> None:
     got, want = tree(out), tree(expected)
     assert sorted(got) == sorted(want), (
         f"missing {sorted(set(want) - set(got))}, extra {sorted(set(got) - set(want))}"

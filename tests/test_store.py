@@ -1,5 +1,5 @@
 """The storage layer on fsspec's in-memory store (no server): locations chosen from names,
-fsio's writes as whole objects, listings, the node cache, log redaction."""
+fsio's writes as whole objects, listings, the node cache, the rank split, log redaction."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from digi2real.config import Config
 from digi2real.data import fsio, node_cache
 from digi2real.data.store import (
     ObjectPath,
@@ -181,6 +182,37 @@ def test_the_node_cache_fetches_an_object_once_and_again_when_it_changes(
         "2.png",
     ]
     assert node_cache.local_folder(mem / "id") == folder and fetched == [3, 1, 3]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "split"),
+    [
+        ({}, {}, (1, 0)),
+        ({}, {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "WORLD_SIZE": "2", "RANK": "1"}, (4, 3)),
+        ({}, {"WORLD_SIZE": "2", "RANK": "1"}, (2, 1)),
+        ({"run.num_nodes": 3}, {"SLURM_PROCID": "2"}, (3, 2)),
+        ({"run.num_nodes": 5, "run.node_rank": 4}, {"SLURM_NTASKS": "2"}, (5, 4)),
+    ],
+)
+def test_ranks_come_from_flags_then_slurm_then_torchrun(monkeypatch, flags, env, split):
+    from digi2real.runner.nodes import NodeSplit, node_split
+
+    for name in ("SLURM_NTASKS", "SLURM_PROCID", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    got = node_split(Config.preset_named("tiny").override(flags))
+    assert got == NodeSplit(*split)
+    assert [shard for shard in range(10) if got.owns(shard)] == list(range(split[1], 10, split[0]))
+
+
+def test_a_rank_outside_the_nodes_is_refused(monkeypatch):
+    from digi2real.runner.nodes import node_split
+
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    with pytest.raises(ValueError, match=r"SLURM_PROCID=2 is not a rank of SLURM_NTASKS=2"):
+        node_split(Config.preset_named("tiny"))
 
 
 def test_credential_values_never_reach_a_log_line(monkeypatch, caplog):

@@ -18,7 +18,8 @@ import yaml
 from digi2real.config import merge_environment
 from digi2real.data import fsio, layout
 from digi2real.data.layout import OutLayout
-from digi2real.data.manifest import read_table
+from digi2real.data.manifest import parquet_rows, read_table
+from digi2real.data.store import is_url, location
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,11 @@ def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
             return {k: strip(v, str(k)) for k, v in value.items() if k not in _HOST_KEYS}
         if isinstance(value, list):
             return [strip(v) for v in value]
-        if isinstance(value, str) and key in {"root", "dir", "path"} and Path(value).is_absolute():
-            return Path(value).name
+        if isinstance(value, str) and key in {"root", "dir", "path"}:
+            if is_url(value):  # a store's URL names a bucket: a host detail too
+                return location(value).name
+            if Path(value).is_absolute():
+                return Path(value).name
         return value
 
     return strip(config)
@@ -316,10 +320,9 @@ def render_hub_card(**card: Any) -> str:
 def write_dataset_card(out_dir: str | Path, **card: Any) -> Path:
     """Write ``OUT/DATASET_CARD.md`` and the Hub ``README.md`` (``card``:
     :func:`render_dataset_card`'s keyword arguments) and return the card's path."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"output folder not found: {out_dir}")
     paths = OutLayout(out_dir)
+    if not paths.root.is_dir():
+        raise FileNotFoundError(f"output folder not found: {paths.root}")
     fsio.atomic_write_bytes(paths.hub_card, render_hub_card(**card).encode("utf-8"))
     text = render_dataset_card(**card)
     path = fsio.atomic_write_bytes(paths.card, text.encode("utf-8"))
@@ -335,8 +338,6 @@ def write_card(
     call it."""
     import json
 
-    import pyarrow.parquet as pq
-
     paths = OutLayout(out)
     if record is None:
         record = yaml.safe_load(paths.config.read_text(encoding="utf-8"))
@@ -345,8 +346,8 @@ def write_card(
         counts = {
             "identities": len(set(manifest.column("identity").to_pylist())),
             "images": manifest.num_rows,
-            "rejected": pq.ParquetFile(paths.rejected).metadata.num_rows,
-            "errors": pq.ParquetFile(paths.errors).metadata.num_rows,
+            "rejected": parquet_rows(paths.rejected),
+            "errors": parquet_rows(paths.errors),
         }
     report = None
     if paths.report_json.is_file():

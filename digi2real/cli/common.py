@@ -26,7 +26,7 @@ FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
         "--preset": (None, {"help": "a preset in configs/: default (paper), fast, tiny..."}),
         "--weights": (
             "weights",
-            {"type": Path, "help": "weights dir (digi2real weights download / tiny)"},
+            {"help": "weights dir or URL (digi2real weights download / tiny)"},
         ),
         "--device": ("run.device", {"help": "auto | cpu | cuda | cuda:N"}),
         "--threads": (
@@ -76,10 +76,10 @@ FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
         "--shift-method": ("shift.method", {"choices": SHIFT_METHODS}),
         "--shift-alpha": ("shift.alpha", {"type": float, "help": "strength (0 = off)"}),
         "--shift-positions": ("shift.positions", {"choices": SHIFT_POSITIONS}),
-        "--real-stats": ("shift.real_stats", {"type": Path, "help": "digi2real stats real"}),
+        "--real-stats": ("shift.real_stats", {"help": "digi2real stats real (path or URL)"}),
         "--synthetic-stats": (
             "shift.synthetic_stats",
-            {"type": Path, "help": "digi2real stats synthetic"},
+            {"help": "digi2real stats synthetic (path or URL)"},
         ),
         "--no-shift": (None, {"action": "store_true", "help": "run without the domain shift"}),
     },

@@ -38,6 +38,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "run.devices": ("--devices", args.devices),
             "run.runner": ("--runner", args.runner),
             "run.ray_address": ("--ray-address", args.ray_address),
+            "run.num_nodes": ("--num-nodes", args.num_nodes),
+            "run.node_rank": ("--node-rank", args.node_rank),
         },
     ).validate()
     if args.dry_run:
@@ -90,8 +92,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert a dataset (one folder per identity)")
-    p.add_argument("src", type=Path, help="the source dataset: one folder of images per identity")
-    p.add_argument("out", type=Path, help="the output folder (created; re-run to resume)")
+    p.add_argument(
+        "src", help="the source dataset: one folder of images per identity (path or URL)"
+    )
+    p.add_argument("out", help="the output folder or URL (created; re-run to resume)")
     add_config_flags(p, "source", "generation", "shift")
     p.add_argument("--outputs-per-identity", type=int, help="images per identity")
     p.add_argument("--formats", help="comma list: imagefolder,webdataset,recordio")
@@ -99,6 +103,17 @@ def register(sub: Any) -> None:
     p.add_argument("--devices", help="local workers: 0,1 | all | cpux2")
     p.add_argument("--runner", choices=RUNNERS)
     p.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+    p.add_argument(
+        "--num-nodes",
+        type=int,
+        help="the same command runs on N nodes (default: SLURM_NTASKS, else WORLD_SIZE, else 1)",
+    )
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        help="this node's rank, 0..N-1: it runs shards with index %% N == rank "
+        "(default: SLURM_PROCID, else RANK, else 0)",
+    )
     p.add_argument("--source-license", help="licence of the source dataset (dataset card)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT and start over")
     p.add_argument("--dry-run", action="store_true", help="plan and preflight only")

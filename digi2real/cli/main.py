@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from digi2real.cli import convert, embed, evaluate, report, weights
 from digi2real.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from digi2real.data.store import redact_logs
 from digi2real.runner.faults import LOG_LEVEL_ENV
 from digi2real.version import __version__
 
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    redact_logs()  # no credential value from the environment reaches a log line
     _configure_environment(level)
     try:
         return int(args.func(args) or 0)

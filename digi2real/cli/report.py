@@ -11,10 +11,11 @@ from digi2real.cli.common import add_config_flags, config_from_args
 
 def cmd_report(args: argparse.Namespace) -> int:
     from digi2real.analysis.report import run_report
+    from digi2real.data.store import location
 
     needs_models = (
         (args.source is not None and args.source.suffix != ".npy")
-        or (args.gallery is not None and args.gallery.suffix != ".npy")
+        or (args.gallery is not None and location(args.gallery).suffix != ".npy")
         or args.judge is not None
         or args.config is not None
         or args.pose
@@ -52,8 +53,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("report", help="dataset report (consistency, collisions, leakage)")
-    p.add_argument("out", type=Path, nargs="?", help="a converted dataset")
-    p.add_argument("--gallery", type=Path, help="real identities: folder of images or .npy")
+    p.add_argument("out", nargs="?", help="a converted dataset (path or URL)")
+    p.add_argument("--gallery", help="real identities: folder of images or .npy (path or URL)")
     p.add_argument("--source", type=Path, help="check a SOURCE dataset before converting")
     p.add_argument("--html", action="store_true", help="also write report/index.html")
     p.add_argument("--embed-images", action="store_true", help="inline images in the HTML")

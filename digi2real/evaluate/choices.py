@@ -10,7 +10,7 @@ LOSSES = ("arcface", "cosface")
 DEFAULT_MARGINS = {"arcface": 0.5, "cosface": 0.35}
 DEFAULT_SCALE = 64.0
 SCHEDULES = ("poly", "step", "constant")
-DATA_FORMATS = ("auto", "imagefolder", "rec")
+DATA_FORMATS = ("auto", "imagefolder", "rec", "webdataset")
 BENCHMARKS = {
     "lfw": "LFW",
     "cfp_fp": "CFP-FP",

@@ -1,4 +1,6 @@
-"""Training data for the recogniser: a converted ``OUT/`` as ImageFolder, or its RecordIO.
+"""Training data for the recogniser: a converted ``OUT/`` as ImageFolder, its RecordIO, or its
+WebDataset shards (the format to train from when OUT is an object-store URL: the tars are
+fetched whole, once per node, into the node's cache and read from there).
 
 Images are 112x112 aligned RGB; the transform is ArcFace training's: a random horizontal
 flip, then ``(pixel - 127.5) / 127.5`` in CHW float32. The flip of sample ``i`` in epoch
@@ -20,7 +22,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from digi2real.data.layout import IMAGES, LABELS, RECORDIO, RECORDIO_PROPERTY, OutLayout
+from digi2real.data.layout import (
+    IMAGES,
+    LABELS,
+    RECORDIO,
+    RECORDIO_PROPERTY,
+    WEBDATASET,
+    OutLayout,
+)
+from digi2real.data.store import ObjectPath
 from digi2real.evaluate.choices import DATA_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -183,17 +193,78 @@ class RecordFaces(_FlipMixin, Dataset):
         return self._transform(_decode(image, f"{self.rec_dir}[{index}]"), index), label
 
 
+class WebDatasetFaces(_FlipMixin, Dataset):
+    """``OUT/wds/shard-*.tar`` (a local folder or a store's URL) as a map-style dataset.
+
+    Each tar is read whole once (from the node's cache when OUT is on a store) and indexed by
+    member offset; samples are ``<key>.jpg`` with ``<key>.cls`` labels, sorted by (label,
+    key), which is ImageFolderFaces' (label, path) order for the same output.
+    """
+
+    def __init__(self, root: str | Path, seed: int = 0, flip: bool = True) -> None:
+        import tarfile
+
+        from digi2real.data.node_cache import local_files
+
+        self.root = OutLayout(root).root
+        tars = sorted((self.root / WEBDATASET).glob("shard-*.tar"))
+        if not tars:
+            raise FileNotFoundError(f"no {WEBDATASET}/shard-*.tar under {self.root}")
+        self.files = local_files(tars, folder="wds")
+        found: dict[str, dict[str, Any]] = {}
+        for number, path in enumerate(self.files):
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    key, _, suffix = member.name.partition(".")
+                    entry = found.setdefault(key, {})
+                    if suffix == "jpg":
+                        entry["jpg"] = (number, member.offset_data, member.size)
+                    elif suffix == "cls":
+                        handle = tar.extractfile(member)
+                        entry["label"] = int(handle.read()) if handle is not None else -1
+        self.samples = sorted(
+            ((v["label"], key, v["jpg"]) for key, v in found.items() if "jpg" in v),
+            key=lambda item: (item[0], item[1]),
+        )
+        if not self.samples:
+            raise ValueError(f"no training images in the tars under {self.root}")
+        self.num_classes = max(label for label, _, _ in self.samples) + 1
+        self.seed, self.epoch, self.flip = seed, 0, flip
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label, key, (number, offset, size) = self.samples[index]
+        with open(self.files[number], "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+        return self._transform(_decode(data, f"{self.root}/{key}.jpg"), index), label
+
+
 def open_dataset(
     root: str | Path, data_format: str = "auto", seed: int = 0, flip: bool = True
-) -> ImageFolderFaces | RecordFaces:
-    """The training set of a converted ``OUT/`` in ``data_format`` (one of DATA_FORMATS)."""
+) -> ImageFolderFaces | RecordFaces | WebDatasetFaces:
+    """The training set of a converted ``OUT/`` (a path, or a URL for ``webdataset``) in
+    ``data_format`` (one of DATA_FORMATS)."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; valid choices: {DATA_FORMATS}")
     out = OutLayout(root)
+    remote = isinstance(out.root, ObjectPath)
     if not out.root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {out.root}")
     if data_format == "auto":
-        data_format = "imagefolder" if out.images.is_dir() else "rec"
+        if remote or not (out.images.is_dir() or (out / RECORDIO).is_dir()):
+            data_format = "webdataset"
+        else:
+            data_format = "imagefolder" if out.images.is_dir() else "rec"
+    if data_format == "webdataset":
+        return WebDatasetFaces(out.root, seed=seed, flip=flip)
+    if remote:
+        raise ValueError(
+            f"{out.root} is on an object store: train from its WebDataset shards "
+            "(--format webdataset), read whole, not from one object per image"
+        )
     if data_format == "imagefolder":
         return ImageFolderFaces(out.root, seed=seed, flip=flip)
     return RecordFaces(out / RECORDIO, seed=seed, flip=flip)

@@ -1,4 +1,5 @@
-"""``convert``: plan (or reopen) OUT, run the uncommitted shards, finalise."""
+"""``convert``: plan (or reopen) OUT, run the uncommitted shards (this rank's, on N nodes),
+finalise once every shard is committed."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from typing import Any
 from digi2real.config import Config
 from digi2real.data import fsio
 from digi2real.data.layout import OutLayout
+from digi2real.data.node_cache import local_file
+from digi2real.data.store import ObjectPath, check_readable, location
 from digi2real.device import devices_for, resolve_device, resolve_dtype
 from digi2real.face.stack import FaceStack
 from digi2real.pipeline.domain_shift import DomainShift
 from digi2real.runner.finalize import Summary, environment, finalize
 from digi2real.runner.local import run_in_process, run_workers
+from digi2real.runner.nodes import NodeSplit, node_split
 from digi2real.runner.outcome import RunOutcome
 from digi2real.runner.plan import Plan, make_plan, prepare_out
 from digi2real.runner.shard import ShardResult
@@ -40,8 +44,42 @@ def derived_fields(config: Config) -> dict[str, Any]:
     if config.shift.enabled:
         for name in ("real_stats", "synthetic_stats"):
             path = getattr(config.shift, name)
-            derived[f"shift_{name}_sha256"] = sha256_file(path) if path else None
+            derived[f"shift_{name}_sha256"] = (
+                sha256_file(local_file(path, folder="stats")) if path else None
+            )
     return derived
+
+
+@dataclass
+class RankSummary:
+    """What a rank of a multi-node run did when others still had shards to commit."""
+
+    out: Path | ObjectPath
+    split: NodeSplit
+    ran: int
+    waiting: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"{self.split}: {self.ran} shard(s) run here, {self.waiting} shard(s) of other "
+            "ranks not committed yet",
+            f"the rank that commits the last shard assembles {self.out}; re-running any rank "
+            "resumes its shards and assembles the dataset once all are committed",
+        ]
+
+
+def check_storage(config: Config, out: Path | ObjectPath) -> None:
+    """Object-store locations, before any work: SRC and the statistics readable, OUT
+    writable (one-line StorageAccessError: unreachable, no bucket, denied, expired)."""
+    if config.source.root:
+        check_readable(location(config.source.root), "source")
+    for name in ("real_stats", "synthetic_stats"):
+        path = getattr(config.shift, name)
+        if path and config.shift.enabled:
+            check_readable(location(path), f"shift.{name}")
+    if isinstance(out, ObjectPath):
+        # the probe goes in the run state: ranks planning the same OUT look only outside it
+        fsio.check_writable(out, "output", probe_folder=OutLayout(out).state)
 
 
 @dataclass
@@ -82,9 +120,13 @@ def preflight(config: Config, out: Path) -> dict[str, Any]:
     targets = plan.num_identities * config.interpolation.outputs_per_identity
     expected_attempts = targets * 1.2
     weights_check = verify(config.weights) if config.weights else None
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    free = shutil.disk_usage(probe).free
-    writable = fsio.is_writable(probe)
+    out = location(out)
+    if isinstance(out, ObjectPath):
+        free, writable = float("nan"), fsio.is_writable(out)
+    else:
+        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        free = shutil.disk_usage(probe).free
+        writable = fsio.is_writable(probe)
     device = resolve_device(config.run.device)
     live = "weights not usable"
     if weights_check is not None and weights_check.ok:
@@ -123,20 +165,31 @@ def engine_matches(built: Config, wanted: Config) -> bool:
 
 def convert(
     config: Config,
-    out: str | Path,
+    out: str | Path | ObjectPath,
     *,
     overwrite: bool = False,
     progress: bool = True,
     engine: Any = None,
-) -> Summary:
+) -> Summary | RankSummary:
     """``engine``: a loaded Engine to reuse for an in-process run (the Python API passes its
-    own); used only when it was built from the same model-side settings as ``config``."""
-    out = Path(out)
+    own); used only when it was built from the same model-side settings as ``config``. On N
+    nodes (:mod:`~digi2real.runner.nodes`), a rank that leaves shards of other ranks
+    uncommitted returns a :class:`RankSummary` instead of the dataset's :class:`Summary`."""
+    out = location(out)
     config.validate()
+    split = node_split(config)
+    if split.multi and overwrite:
+        raise ValueError(
+            "--overwrite with several nodes: each rank would delete the others' work; delete "
+            "OUT once, then start the ranks"
+        )
+    if split.multi and config.run.runner == "ray":
+        raise ValueError("--runner ray places shards itself: run it once, without --num-nodes")
     if engine is not None and not engine_matches(engine.config, config):
         engine = None
     if config.weights is None:
         raise ValueError("no weights: pass --weights DIR (see `digi2real weights --help`)")
+    check_storage(config, out)
     weights = open_weights(config.weights)
     if config.run.runner == "ray":
         from digi2real.runner.ray import import_ray
@@ -144,8 +197,9 @@ def convert(
         import_ray()  # before planning OUT: a missing Ray should leave nothing behind
     plan: Plan = prepare_out(out, config, derived_fields(config), overwrite=overwrite)
     paths = OutLayout(out)
-    todo = [s for s in range(len(plan.shards)) if not paths.is_committed(s)]
-    logger.info("%d shards planned, %d to run", len(plan.shards), len(todo))
+    committed = paths.committed()
+    todo = [s for s in range(len(plan.shards)) if s not in committed and split.owns(s)]
+    logger.info("%d shards planned, %d to run (%s)", len(plan.shards), len(todo), split)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -191,6 +245,10 @@ def convert(
             f"{len(outcome.failed)} shard(s) failed after retries; committed shards are kept, "
             f"re-run the same command to retry them:\n  {details}"
         )
+    if split.multi:
+        waiting = len(plan.shards) - len(paths.committed())
+        if waiting:
+            return RankSummary(out, split, len(todo), waiting)
     device = resolve_device(config.run.device if not devices else "auto")
     env = environment(
         device, resolve_dtype(config.generation.dtype, device), config.generation.compile
@@ -202,13 +260,13 @@ def convert(
     return summary
 
 
-def committed_shards(out: str | Path) -> tuple[int, int]:
+def committed_shards(out: str | Path | ObjectPath) -> tuple[int, int]:
     """(committed, planned) shards of an OUT; (0, 0) before its plan is complete."""
-    import pyarrow.parquet as pq
+    from digi2real.data.manifest import read_table
 
     paths = OutLayout(out)
     if not paths.run_json.is_file():
         return 0, 0
-    shards = pq.read_table(paths.plan, columns=["shard"]).column("shard").to_pylist()
+    shards = read_table(paths.plan, columns=["shard"]).column("shard").to_pylist()
     total = max(shards, default=-1) + 1
-    return sum(paths.is_committed(shard) for shard in range(total)), total
+    return len({shard for shard in paths.committed() if shard < total}), total

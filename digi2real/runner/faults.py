@@ -26,6 +26,7 @@ ONCE_ENV = "DIGI2REAL_FAULT_ONCE"
 KINDS = ("kill", "exit", "raise", "enospc", "erofs")
 EXIT_CODE = 70
 POINTS = (
+    "worker-start",  # a local worker or Ray actor about to load its models
     "shard-start",
     "shard-embedded",
     "shard-generated",
@@ -88,5 +89,8 @@ def configure_worker_logging() -> None:
     """A worker logs at its driver's level (``digi2real -v`` reaches workers and actors)."""
     import logging
 
+    from digi2real.data.store import redact_logs
+
     level = os.environ.get(LOG_LEVEL_ENV, "WARNING")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    redact_logs()

@@ -9,7 +9,6 @@ ImageFolder order); formats that need them (WebDataset keys, RecordIO) are assem
 from __future__ import annotations
 
 import logging
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from digi2real.analysis.card import write_card
@@ -30,10 +28,13 @@ from digi2real.data.manifest import (
     REJECTED_SCHEMA,
     assign_labels,
     error_table,
+    read_npy,
+    read_table,
     write_labels,
     write_npy,
     write_parquet,
 )
+from digi2real.data.store import ObjectPath, files_under, location
 from digi2real.data.writers.assemble import assemble_formats
 from digi2real.runner import faults
 from digi2real.runner.plan import Plan
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Summary:
-    out: Path
+    out: Path | ObjectPath
     identities: int
     images: int
     rejected: int
@@ -105,7 +106,7 @@ def environment(device: str, dtype: str, compile_flag: bool) -> dict[str, Any]:
 
 
 def finalize(
-    out: Path,
+    out: Path | ObjectPath | str,
     config: Config,
     plan: Plan,
     *,
@@ -113,22 +114,41 @@ def finalize(
     env: dict[str, Any],
     shift: dict[str, Any] | None = None,
 ) -> Summary:
-    out = Path(out)
+    out = location(out)
     paths = OutLayout(out)
-    missing = [s for s in range(len(plan.shards)) if not paths.is_committed(s)]
+    committed = paths.committed()
+    missing = [s for s in range(len(plan.shards)) if s not in committed]
     if missing:
         raise RuntimeError(f"cannot finalise: shards not committed: {missing[:20]}")
+    # ranks of a multi-node run that finish together may both finalise: one at a time on a
+    # shared file system (the sweep below must not take another's temporary files); on a
+    # store they write the same objects, whole
+    with fsio.exclusive(paths.state):
+        return _finalize(out, config, plan, weights_manifest, env, shift)
+
+
+def _finalize(
+    out: Path | ObjectPath,
+    config: Config,
+    plan: Plan,
+    weights_manifest: dict[str, Any],
+    env: dict[str, Any],
+    shift: dict[str, Any] | None,
+) -> Summary:
+    paths = OutLayout(out)
     faults.point("finalize-start")
     # finalisation runs alone; images/ is cleaned by _remove_orphans, run state needs none
     fsio.remove_stale_temps(out, recursive=True, skip=(layout.STATE, layout.IMAGES))
+    # a killed Ray driver's attempt markers, whatever runner resumed its output
+    fsio.remove_tree(paths.state / layout.ATTEMPTS)
     manifests, rejected, errors, outputs, targets = [], [], [error_table(plan.errors)], [], []
     for shard in range(len(plan.shards)):
         part = paths.shard(shard)
-        manifests.append(pq.read_table(part / layout.MANIFEST, schema=MANIFEST_SCHEMA))
-        rejected.append(pq.read_table(part / layout.REJECTED, schema=REJECTED_SCHEMA))
-        errors.append(pq.read_table(part / layout.ERRORS).cast(ERROR_SCHEMA))
-        outputs.append(np.load(part / layout.OUTPUTS))
-        targets.append(np.load(part / layout.TARGETS))
+        manifests.append(read_table(part / layout.MANIFEST, schema=MANIFEST_SCHEMA))
+        rejected.append(read_table(part / layout.REJECTED, schema=REJECTED_SCHEMA))
+        errors.append(read_table(part / layout.ERRORS, schema=ERROR_SCHEMA))
+        outputs.append(read_npy(part / layout.OUTPUTS))
+        targets.append(read_npy(part / layout.TARGETS))
     manifest = pa.concat_tables(manifests) if manifests else MANIFEST_SCHEMA.empty_table()
     manifest, labels = assign_labels(manifest)
     dim = outputs[0].shape[1] if outputs else 0
@@ -183,18 +203,12 @@ def finalize(
     return summary
 
 
-def _remove_orphans(out: Path, paths: set[str]) -> None:
+def _remove_orphans(out: Path | ObjectPath, paths: set[str]) -> None:
     """Images left by an interrupted attempt whose shard was redone differently (a batch-size
     change can move a borderline similarity across the threshold) have no manifest row."""
     for folder in (layout.IMAGES, layout.ORIGINALS):
-        base = out / folder
-        if not base.is_dir():
-            continue
-        for dirpath, _dirs, files in os.walk(base):
-            for name in files:
-                path = Path(dirpath) / name
-                # originals/ mirrors images/: an original's row is its crop's row
-                rel = f"{layout.IMAGES}/{path.relative_to(base).as_posix()}"
-                if rel not in paths:
-                    logger.info("removing orphan image %s", path.relative_to(out))
-                    path.unlink()
+        for rel, path in files_under(out / folder):
+            # originals/ mirrors images/: an original's row is its crop's row
+            if f"{layout.IMAGES}/{rel}" not in paths:
+                logger.info("removing orphan image %s/%s", folder, rel)
+                fsio.remove(path)

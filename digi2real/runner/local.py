@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
+from digi2real.data.store import ObjectPath
 from digi2real.device import set_threads, torch_threads
 from digi2real.runner import faults
 from digi2real.runner.outcome import RunOutcome, fatal_error, is_fatal
@@ -34,7 +35,7 @@ _POLL_SECONDS = 0.5
 
 def run_in_process(
     config: Config,
-    out: Path,
+    out: Path | ObjectPath,
     plan: Plan,
     shards: Iterable[int],
     *,
@@ -100,7 +101,8 @@ def _worker_main(
     config = Config.from_dict(config_dict)
     try:
         set_threads(config.run.torch_threads)
-        runner = ShardRunner.build(config, Path(out), Path(source_root), device)
+        faults.point("worker-start")
+        runner = ShardRunner.build(config, out, source_root, device)
     except Exception as error:  # noqa: BLE001 - reported to the driver, which decides
         outbox.put(("dead", worker_id, None, f"worker start failed: {error}"))
         return
@@ -185,7 +187,7 @@ class _Scheduler:
 
 def run_workers(
     config: Config,
-    out: Path,
+    out: Path | ObjectPath,
     plan: Plan,
     shards: Iterable[int],
     *,

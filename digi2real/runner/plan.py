@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from digi2real.config import Config, flatten, output_differences
 from digi2real.data import fsio, layout
 from digi2real.data.layout import OutLayout
-from digi2real.data.manifest import error_table, write_parquet
+from digi2real.data.manifest import error_table, read_table, write_parquet
 from digi2real.data.readers import ErrorRow, IdentitySelection, IdentitySource, scan_dataset
+from digi2real.data.store import ObjectPath, location
 from digi2real.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ class ConfigMismatchError(ValueError):
 
 @dataclass
 class Plan:
-    source_root: Path
+    source_root: Path | ObjectPath
     shards: list[list[IdentitySource]]
     errors: list[ErrorRow]
 
@@ -54,7 +53,7 @@ class Plan:
 def make_plan(config: Config) -> Plan:
     if config.source.root is None:
         raise ValueError("source.root is not set: which dataset should be converted?")
-    root = Path(config.source.root)
+    root = location(config.source.root)
     if not root.is_dir():
         raise FileNotFoundError(f"source dataset not found: {root}")
     selection = IdentitySelection.from_spec(config.source.identities)
@@ -69,7 +68,7 @@ def plan_table(plan: Plan) -> pa.Table:
     for shard, identity in plan.iter_identities():
         shards.append(shard)
         names.append(identity.name)
-        files.append([str(Path(f).relative_to(plan.source_root)) for f in identity.files])
+        files.append([str(f.relative_to(plan.source_root)) for f in identity.files])
     return pa.table(
         {
             "shard": pa.array(shards, pa.int64()),
@@ -83,10 +82,13 @@ def run_record(config: Config, derived: dict[str, Any]) -> dict[str, Any]:
     return {"version": __version__, "config": flatten(config.to_dict()), "derived": derived}
 
 
-def prepare_out(out: Path, config: Config, derived: dict[str, Any], *, overwrite: bool) -> Plan:
+def prepare_out(
+    out: Path | ObjectPath, config: Config, derived: dict[str, Any], *, overwrite: bool
+) -> Plan:
     """Create or reopen ``out``. A new run plans and persists; an existing one must have an
-    output-compatible config and reuses its persisted plan."""
-    out = Path(out)
+    output-compatible config and reuses its persisted plan. Several ranks may do this at once
+    on one ``out``: each plans the same bytes, and ``run.json`` is written last."""
+    out = location(out)
     paths = OutLayout(out)
     record = run_record(config, derived)
     if overwrite and out.exists():
@@ -94,7 +96,7 @@ def prepare_out(out: Path, config: Config, derived: dict[str, Any], *, overwrite
             raise ValueError(
                 f"refusing to --overwrite {out}: it is not empty and is not a digi2real output"
             )
-        shutil.rmtree(out)
+        fsio.remove_tree(out)
     if paths.run_json.is_file():
         old = json.loads(paths.run_json.read_text(encoding="utf-8"))
         diffs = output_differences(old["config"], record["config"])
@@ -122,15 +124,19 @@ def prepare_out(out: Path, config: Config, derived: dict[str, Any], *, overwrite
     return plan
 
 
-def _has_foreign_files(out: Path) -> bool:
-    # a state folder without run.json is a planning run that was killed: plan again over it
-    return any(entry.name != layout.STATE for entry in out.iterdir())
+def _has_foreign_files(out: Path | ObjectPath) -> bool:
+    # a state folder without run.json is a planning run that was killed (or another rank's
+    # planning, under way): plan again over it
+    try:
+        return any(entry.name != layout.STATE for entry in out.iterdir())
+    except FileNotFoundError:  # on a store, a prefix whose last object just went
+        return False
 
 
-def load_plan(out: Path, config: Config) -> Plan:
+def load_plan(out: Path | ObjectPath, config: Config) -> Plan:
     paths = OutLayout(out)
-    table = pq.read_table(paths.plan).to_pylist()
-    root = Path(config.source.root) if config.source.root else Path(".")
+    table = read_table(paths.plan).to_pylist()
+    root = location(config.source.root) if config.source.root else Path(".")
     num_shards = max((r["shard"] for r in table), default=-1) + 1
     shards: list[list[IdentitySource]] = [[] for _ in range(num_shards)]
     for row in table:
@@ -139,6 +145,6 @@ def load_plan(out: Path, config: Config) -> Plan:
         )
     errors = [
         ErrorRow(r["path"], r["identity"], r["stage"], r["reason"], r["shard"])
-        for r in pq.read_table(paths.plan_errors).to_pylist()
+        for r in read_table(paths.plan_errors).to_pylist()
     ]
     return Plan(root, shards, errors)

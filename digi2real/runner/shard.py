@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from digi2real.config import Config
 from digi2real.data import fsio, layout
@@ -25,10 +24,13 @@ from digi2real.data.manifest import (
     MANIFEST_SCHEMA,
     REJECTED_SCHEMA,
     error_table,
+    read_table,
     write_npy,
     write_parquet,
 )
+from digi2real.data.node_cache import local_files
 from digi2real.data.readers import ErrorRow, IdentitySource, apply_min_images
+from digi2real.data.store import ObjectPath, location
 from digi2real.data.writers import Sample
 from digi2real.data.writers.imagefolder import ImageFolderWriter
 from digi2real.face.align import align_at
@@ -56,11 +58,17 @@ class ShardResult:
 class ShardRunner:
     """Executes shards with one :class:`~digi2real.runner.engine.Engine` (one model copy)."""
 
-    def __init__(self, engine: Any, config: Config, out: Path, source_root: Path) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        config: Config,
+        out: Path | ObjectPath | str,
+        source_root: Path | ObjectPath | str,
+    ) -> None:
         self.engine = engine
         self.config = config
-        self.out = Path(out)
-        self.source_root = Path(source_root)
+        self.out: Any = location(out)
+        self.source_root: Any = location(source_root)
         self.layout = OutLayout(out)
         self.image_writer = ImageFolderWriter(out_dir=self.out)
 
@@ -68,8 +76,8 @@ class ShardRunner:
     def build(
         cls,
         config: Config,
-        out: Path,
-        source_root: Path,
+        out: Path | ObjectPath | str,
+        source_root: Path | ObjectPath | str,
         device: str,
         *,
         engine: Any = None,
@@ -85,8 +93,8 @@ class ShardRunner:
 
     # -- source side ---------------------------------------------------------------------------
 
-    def _rel(self, path: Path) -> str:
-        return str(Path(path).relative_to(self.source_root))
+    def _rel(self, path: Path | ObjectPath) -> str:
+        return str(path.relative_to(self.source_root))
 
     def embed_sources(
         self, shard: int, identities: list[IdentitySource]
@@ -94,7 +102,7 @@ class ShardRunner:
         """Usable images' embeddings per identity, cached per shard."""
         cache = self.layout.cache(shard)
         if cache.is_file():
-            table = pq.read_table(cache).to_pylist()
+            table = read_table(cache).to_pylist()
         else:
             table = self._embed_uncached(identities)
             write_parquet(cache, pa.Table.from_pylist(table))
@@ -119,6 +127,8 @@ class ShardRunner:
     def _embed_uncached(self, identities: list[IdentitySource]) -> list[dict[str, Any]]:
         identity_of = {self._rel(path): i.name for i in identities for path in i.files}
         files = [path for identity in identities for path in identity.files]
+        # a remote SRC is read from this node's cache (fetched once, concurrently)
+        readable = local_files(files, folder="source")
         return [
             {
                 "identity": identity_of[outcome.name],
@@ -127,13 +137,17 @@ class ShardRunner:
                 "reason": outcome.reason,
                 "embedding": None if outcome.embedding is None else outcome.embedding.tolist(),
             }
-            for outcome in embed_images(self.engine, ((self._rel(path), path) for path in files))
+            for outcome in embed_images(
+                self.engine,
+                ((self._rel(path), local) for path, local in zip(files, readable, strict=True)),
+            )
         ]
 
     def init_image(self, item: Pending) -> np.ndarray:
         """A target's init render (render-guided transfer) in the ArcFace frame at the
         generation resolution."""
-        image = load_image(self.source_root / item.init_path)
+        (path,) = local_files([self.source_root / item.init_path], folder="source")
+        image = load_image(path)
         aligned = align_at(image, self.engine.detector, self.engine.generator.resolution)
         if aligned is None:  # it was embedded, so it had a face: only a detector change
             raise ValueError(f"{item.init_path}: no face to initialise {item.identity!r} from")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.data import fsio
+from digi2real.data.store import is_url, location
 from digi2real.weights.face_config import FACE_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -113,8 +114,13 @@ def open_weights(root: str | Path) -> WeightsDir:
     """Open a weights dir written by ``digi2real weights download`` or ``weights tiny``.
 
     Reads the manifest only (sizes are checked, checksums are :func:`verify`'s job, which
-    hashes gigabytes).
+    hashes gigabytes). A URL (``s3://bucket/weights``: the user's own copy, for nodes without
+    a shared file system) is fetched once per node into its cache, then opened there.
     """
+    if is_url(str(root)):
+        from digi2real.data.node_cache import local_folder
+
+        root = local_folder(location(str(root)), folder="weights")  # type: ignore[arg-type]
     root = Path(root).expanduser()
     manifest_path = root / DIR_MANIFEST
     if not manifest_path.is_file():

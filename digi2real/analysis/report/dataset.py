@@ -15,7 +15,8 @@ from digi2real.analysis import metrics
 from digi2real.data import layout
 from digi2real.data.embeddings import EmbeddingSet, load_embeddings
 from digi2real.data.layout import OutLayout
-from digi2real.data.manifest import read_table
+from digi2real.data.manifest import parquet_rows, read_npy, read_table
+from digi2real.data.store import is_url, location
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ GalleryEmbedder = Callable[[Path], EmbeddingSet]
 
 @dataclass
 class Dataset:
-    out_dir: Path
+    out_dir: Any  # Path, or an ObjectPath for an OUT on a store
     keys: list[str]
     paths: list[str]
     codes: np.ndarray  # (N,) contiguous codes over the manifest's labels
@@ -54,8 +55,8 @@ def _read_config(out_dir: Path) -> dict[str, Any]:
 def open_dataset(out_dir: str | Path) -> Dataset:
     """Read what the report needs from OUT: the manifest and the memory-mapped arrays."""
 
-    out_dir = Path(out_dir)
     out = OutLayout(out_dir)
+    out_dir = out.root
     manifest_path = out.manifest
     if not manifest_path.is_file():
         raise FileNotFoundError(f"no {layout.MANIFEST} in {out_dir}: is it a converted dataset?")
@@ -82,7 +83,7 @@ def open_dataset(out_dir: str | Path) -> Dataset:
     for path in (out.outputs, out.targets):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the report needs the run's embeddings")
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = read_npy(path, mmap=True)
         metrics.check_float32(array, str(path))
         if array.shape[0] != table.num_rows:
             raise ValueError(f"{path} has {array.shape[0]} rows for {table.num_rows} manifest rows")
@@ -101,8 +102,8 @@ def open_dataset(out_dir: str | Path) -> Dataset:
     )
 
 
-def load_gallery(gallery: Path, gallery_embedder: GalleryEmbedder | None) -> EmbeddingSet:
-    gallery = Path(gallery)
+def load_gallery(gallery: Any, gallery_embedder: GalleryEmbedder | None) -> EmbeddingSet:
+    gallery = location(gallery)
     if gallery.is_dir():
         if gallery_embedder is None:
             raise ValueError(
@@ -125,14 +126,14 @@ def load_gallery(gallery: Path, gallery_embedder: GalleryEmbedder | None) -> Emb
 def count_rows(path: Path) -> int | None:
     if not path.is_file():
         return None
-    import pyarrow.parquet as pq
-
-    return int(pq.read_metadata(path).num_rows)
+    return parquet_rows(path)
 
 
-def source_root(out_dir: Path, config: dict[str, Any]) -> Path | None:
+def source_root(out_dir: Any, config: dict[str, Any]) -> Any:
     root = (config.get("source") or {}).get("root")
     if not root:
         return None
+    if is_url(root):
+        return location(root)
     root = Path(root)
     return root if root.is_absolute() else out_dir / root

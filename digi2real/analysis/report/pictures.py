@@ -73,7 +73,8 @@ def _tile(path: Path | None, placeholder: str) -> Image.Image:
 
     if path is not None and path.is_file():
         try:
-            with Image.open(path) as image:
+            # an image on a store (OUT or SRC given as a URL) is read whole
+            with Image.open(path if isinstance(path, Path) else path.open("rb")) as image:
                 return image.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR)
         except OSError as error:
             logger.warning("cannot read %s: %s", path, error)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from digi2real.data.fsio import atomic_write_bytes
+from digi2real.data.node_cache import local_file
 from digi2real.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -416,8 +417,9 @@ def load_stats(
     expected_encoder_digest: str | None = None,
     expected_kind: str | None = None,
 ) -> ConditioningStats:
-    """Load a stats file, refusing one made with another encoder or of the other kind."""
-    stats = ConditioningStats.load(path)
+    """Load a stats file (a path or a URL, read through this node's cache), refusing one
+    made with another encoder or of the other kind."""
+    stats = ConditioningStats.load(local_file(path, folder="stats"))
     if expected_encoder_digest is not None and stats.encoder_digest != expected_encoder_digest:
         raise ValueError(
             f"{path} was computed with encoder {stats.encoder_digest}, but the loaded encoder "
