@@ -68,6 +68,17 @@ def ray_cluster():
     """A head without CPUs (the driver's node, as on many clusters: every actor lands on a
     worker node) and two worker nodes of two CPUs each: whichever worker node is lost, the
     other has room to restart its actors (the test runs two)."""
+    yield from _cluster()
+
+
+@pytest.fixture
+def ray_cluster_on_s3(s3):
+    """The same cluster, started once the store's variables are set: its nodes' processes
+    (raylets, actors) find the store as a cloud node finds its own."""
+    yield from _cluster()
+
+
+def _cluster():
     pytest.importorskip("ray")
     pytest.importorskip("psutil")
     from ray.cluster_utils import Cluster
@@ -109,6 +120,8 @@ def _attempts(out: Path) -> list[tuple[float, int, int, int]]:
     found = []
     for marker in (out / layout.STATE / layout.ATTEMPTS).glob("*/*"):
         shard, _, attempt = marker.name.partition(".")
+        if not (shard.isdigit() and attempt.isdigit()):
+            continue  # an actor's start, not a shard's attempt
         try:
             owner = marker.read_text()  # "host:pid (device)"
             when = marker.stat().st_mtime
@@ -173,6 +186,37 @@ def test_ray_cluster_losing_a_worker_node_mid_run_gives_the_in_process_bytes(
     assert not (out / layout.STATE / layout.ATTEMPTS).exists()  # markers are not output
     assert_same_output(out, scale_expected)
     assert_consistent(out)
+
+
+def test_ray_cluster_without_shared_storage_gives_the_in_process_bytes(
+    ray_cluster_on_s3, s3, scale_setup, scale_expected, tmp_path
+):
+    """SRC, OUT and the weights on S3, nothing shared between the nodes but the store; the
+    first actor to start dies while loading its models and is replaced: the in-process bytes."""
+    base = s3.bucket("digi2real-ray")
+    src = s3.upload(scale_setup["src"], f"{base}/src")
+    weights = s3.upload(scale_setup["weights"], f"{base}/weights")
+    out = f"{base}/out"
+    argv = convert_argv(src, out, weights)  # type: ignore[arg-type]
+    argv += ["--runner", "ray", "--ray-address", ray_cluster_on_s3.address, "--device", "cpu"]
+    argv += ["--devices", "cpux2"]
+    once = tmp_path / "died-loading"
+    env = {
+        **RAY_DEPRECATIONS_ENV,
+        faults.ENV: "exit:worker-start",
+        faults.ONCE_ENV: str(once),
+        "DIGI2REAL_CACHE": str(tmp_path / "node-cache"),
+    }
+    log = tmp_path / "convert.log"
+    process = start_cli(argv, log=log, env=env)
+    try:
+        process.wait(timeout=300)
+    finally:
+        stop_cli(process)
+    assert process.returncode == 0, f"convert's log (end):\n{log.read_text()[-6000:]}"
+    assert once.exists(), "no actor died while loading its models"
+    assert s3.keys(f"{out}/.digi2real/attempts") == []  # markers are not output
+    assert_same_output(out, scale_expected)
 
 
 # -- a local Ray instance in this process --------------------------------------------------------

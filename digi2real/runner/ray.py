@@ -3,9 +3,10 @@
 ``convert --runner ray [--ray-address ADDR]`` builds a dataset of the shard ids still to run
 (one block, one batch per shard) and maps it with :class:`ShardActor`, a callable class that
 holds one :class:`~digi2real.runner.shard.ShardRunner` (``num_gpus=1`` per actor on GPU
-clusters, ``run.torch_threads`` CPUs per actor otherwise). Every node must see the same
-``OUT`` (a shared POSIX file system: commits are renames, which object stores do not have),
-the source dataset and the weights at the same paths, and have digi2real installed.
+clusters, ``run.torch_threads`` CPUs per actor otherwise). Actors read SRC and write OUT
+through :mod:`digi2real.data.store`: a shared file system at the same path on every node, or
+object-store URLs (no shared storage at all). The weights are a local path present on every
+node or a URL fetched once per node into its cache; every node has digi2real installed.
 
 Failure handling (only named ``map_batches`` parameters and ``DataContext`` settings; Ray
 Data's actor pool keeps its defaults, ``max_restarts=-1`` and ``max_task_retries=-1``):
@@ -21,7 +22,13 @@ Data's actor pool keeps its defaults, ``max_restarts=-1`` and ``max_task_retries
   error row instead of running it. The token is new for each run, so a resume counts afresh;
   the markers are removed when the run ends. ``max_errored_blocks=-1`` lets the other shards
   go on should a block still fail.
-- A full or read-only output stops the run at once.
+- An actor that raises while loading its models returns an error row for each shard it is
+  given (they go round again, with new actors, as above); one that dies while loading is
+  restarted by Ray, again a bounded number of times: every start claims an
+  ``actor-start.<k>`` marker beside the attempt markers (and a ``.loaded`` one once its
+  models are loaded), and once ``run.max_shard_retries + 1`` starts per actor of the pool
+  died or failed loading, an actor starts without models and refuses its shards.
+- A full, read-only or denied output stops the run at once.
 
 Ray may still run a shard twice (lineage reconstruction, a straggler of a failed round):
 temporary names are unique per attempt and a shard's commit writes the same bytes each
@@ -30,12 +37,12 @@ time, so a second run of a committed shard is harmless (and is not refused).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import secrets
-import shutil
 import socket
 import traceback
 from collections.abc import Callable, Iterable
@@ -45,6 +52,7 @@ from typing import Any
 from digi2real.config import Config
 from digi2real.data import fsio, layout
 from digi2real.data.layout import OutLayout
+from digi2real.data.store import ObjectPath, location
 from digi2real.device import set_threads
 from digi2real.runner import faults
 from digi2real.runner.outcome import RunOutcome, fatal_error, is_fatal
@@ -58,6 +66,7 @@ LOST = "its Ray actor died (no result returned)"
 # an attempt that never returned: its actor died, and Ray ran the shard again once restarted
 DIED = "died"
 EXHAUSTED = "gave up after {attempts} attempt(s): its Ray actor died running it (segfault, OOM kill, lost node?)"
+STARTS_EXHAUSTED = "gave up after {starts} actor start(s): actors died loading their models"
 
 
 class RayUnavailableError(ImportError):
@@ -81,16 +90,34 @@ class ShardActor:
     """Ray Data callable class: builds one engine when the actor starts, then runs the
     shards of each batch; failures come back as rows, never as exceptions."""
 
-    def __init__(self, config: dict[str, Any], out: str, device: str, run_token: str) -> None:
+    def __init__(
+        self, config: dict[str, Any], out: str, device: str, run_token: str, actors: int = 1
+    ) -> None:
         # an actor is a worker: the driver's log level, a fixed torch thread count
         faults.configure_worker_logging()
         self.config = Config.from_dict(config)
         set_threads(self.config.run.torch_threads)
-        self.plan = load_plan(Path(out), self.config)
-        self.runner = ShardRunner.build(self.config, Path(out), self.plan.source_root, device)
         self.name = f"{socket.gethostname()}:{os.getpid()} ({device})"
-        self.attempts = attempts_folder(Path(out), run_token)
+        self.attempts = attempts_folder(location(out), run_token)
         self.max_attempts = self.config.run.max_shard_retries + 1
+        self.runner: ShardRunner | None = None
+        self.start_error = ""
+        # Ray restarts an actor that dies here, forever: loads that never finished are counted
+        start = claim_start(self.attempts, self.max_attempts * actors, self.name)
+        if start is None:
+            self.start_error = STARTS_EXHAUSTED.format(starts=self.max_attempts * actors)
+            return
+        try:
+            faults.point("worker-start")
+            self.plan = load_plan(location(out), self.config)
+            self.runner = ShardRunner.build(self.config, out, self.plan.source_root, device)
+        except Exception as error:  # noqa: BLE001 - reported per shard; the driver decides
+            if is_fatal(error):
+                raise
+            self.start_error = f"actor start failed: {type(error).__name__}: {error}"
+            logger.warning("%s: %s", self.name, self.start_error)
+            return
+        fsio.create_exclusive(start.with_name(start.name + LOADED), self.name.encode())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         rows = [self.run_one(int(shard)) for shard in batch["shard"]]
@@ -106,6 +133,9 @@ class ShardActor:
             "attempt": 0,
             "refused": False,
         }
+        if self.runner is None:
+            row["error"] = self.start_error
+            return row
         try:
             # a committed shard is only skipped, whatever its attempts (a Ray duplicate)
             if not self.runner.layout.is_committed(shard):
@@ -127,18 +157,34 @@ class ShardActor:
 
 
 _FIELDS = ("shard", "worker", "result", "error", "errno", "attempt", "refused")
+START = "actor-start"  # an actor's model loads, counted beside the shards' attempts
+LOADED = ".loaded"
 
 
-def attempts_folder(out: Path, run_token: str) -> Path:
+def attempts_folder(out: Path | ObjectPath, run_token: str) -> Any:
     """Where one run's attempt markers go (one file per attempt of a shard)."""
     return OutLayout(out).state / layout.ATTEMPTS / run_token
 
 
-def attempt_marker(folder: Path, shard: int, attempt: int) -> Path:
+def attempt_marker(folder: Any, shard: int, attempt: int) -> Any:
     return folder / f"{shard:06d}.{attempt}"
 
 
-def claim_attempt(folder: Path, shard: int, max_attempts: int, owner: str) -> int | None:
+def claim_start(folder: Any, max_failed: int, owner: str) -> Any:
+    """The marker of an actor start about to load models (``actor-start.<k>``, created
+    exclusively), or None when ``max_failed`` starts already died or failed before their
+    ``.loaded`` marker: Ray restarts an actor that dies while loading, without end."""
+    names = [p.name for p in folder.glob(f"{START}.*")] if folder.exists() else []
+    starts = [n for n in names if not n.endswith(LOADED)]
+    if len(starts) - (len(names) - len(starts)) >= max_failed:
+        return None
+    number = len(starts) + 1
+    while not fsio.create_exclusive(folder / f"{START}.{number}", owner.encode()):
+        number += 1
+    return folder / f"{START}.{number}"
+
+
+def claim_attempt(folder: Any, shard: int, max_attempts: int, owner: str) -> int | None:
     """The number (1, 2, ...) of the attempt of ``shard`` about to start, recorded by creating
     its marker exclusively (holding ``owner``, for a human), or None when ``shard`` has had
     ``max_attempts`` already. Markers are never removed during a run: an attempt whose actor
@@ -184,7 +230,7 @@ def placement(config: Config, resources: dict[str, float], shards: int) -> Place
 
 def run_ray(
     config: Config,
-    out: Path,
+    out: Path | ObjectPath,
     plan: Plan,
     shards: Iterable[int],
     *,
@@ -199,6 +245,7 @@ def run_ray(
         return outcome
     max_attempts = config.run.max_shard_retries + 1
     run_token = secrets.token_hex(8)
+    out = location(out)
     attempts_root = OutLayout(out).state / layout.ATTEMPTS
     started = False
     if not ray.is_initialized():
@@ -210,7 +257,7 @@ def run_ray(
     try:
         # markers of a killed driver: its Ray job, and the actors that could still write
         # there, ended with it; they are never read (another token), only clutter
-        shutil.rmtree(attempts_root, ignore_errors=True)
+        fsio.remove_tree(attempts_root)
         fsio.make_dirs(attempts_folder(out, run_token))
         where = placement(config, ray.cluster_resources(), len(todo))
         logger.info(
@@ -235,14 +282,20 @@ def run_ray(
     finally:
         context.max_errored_blocks = saved
         # the run's attempt markers are never part of the output
-        shutil.rmtree(attempts_root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            fsio.remove_tree(attempts_root)
         if started:
             ray.shutdown()
     return outcome
 
 
 def _pipeline(
-    ray: Any, config: Config, out: Path, run_token: str, shards: list[int], where: Placement
+    ray: Any,
+    config: Config,
+    out: Path | ObjectPath,
+    run_token: str,
+    shards: list[int],
+    where: Placement,
 ) -> Any:
     """The dataset of ``shards`` mapped by :class:`ShardActor` (lazy: runs when iterated)."""
     env = faults.worker_environment()
@@ -255,6 +308,7 @@ def _pipeline(
             "out": str(out),
             "device": "cuda" if where.gpu else "cpu",
             "run_token": run_token,
+            "actors": where.actors,
         },
         batch_size=1,
         # one shard in flight per actor, so an actor's death loses only that shard
@@ -268,7 +322,7 @@ def _pipeline(
 def _run_round(
     ray: Any,
     config: Config,
-    out: Path,
+    out: Path | ObjectPath,
     run_token: str,
     shards: list[int],
     where: Placement,
