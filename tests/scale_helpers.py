@@ -23,8 +23,8 @@ FORMATS = "imagefolder,webdataset,recordio"
 IDENTITIES = 3
 # fields that may differ between runs of one output (config.FREE_FIELDS): how it was run
 RUN_FIELDS = ("devices", "runner", "ray_address", "max_shard_retries", "num_nodes", "node_rank")
-# and where: host paths, which also differ between a local run and one on an object store
-HOST_PATHS = ("source.root", "weights")
+# and where: host paths (config.HOST_PATH_FIELDS), which also differ between a local run and
+# one on an object store
 TEMP_NAME = re.compile(r"^\..+\.tmp$")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,6 +216,7 @@ def tree(out: Any) -> dict[str, bytes]:
     between runs of one output taken out: config.yaml's environment (which holds the
     placement: devices, runner, batch size... and the host paths) and in the run state's
     run.json the placement and the host paths."""
+    from digi2real.config import HOST_PATH_FIELDS
     from digi2real.data.store import files_under, location
 
     files = {}
@@ -227,7 +228,7 @@ def tree(out: Any) -> dict[str, bytes]:
             data = yaml.safe_dump(_normal_config(yaml.safe_load(data))).encode()
         elif rel == ".digi2real/run.json":
             record = json.loads(data)
-            for key in [f"run.{key}" for key in RUN_FIELDS] + list(HOST_PATHS):
+            for key in [f"run.{key}" for key in RUN_FIELDS] + list(HOST_PATH_FIELDS):
                 record["config"].pop(key, None)
             data = json.dumps(record, sort_keys=True).encode()
         files[rel] = data

@@ -242,3 +242,53 @@ def test_credentials_in_a_url_are_refused():
     with pytest.raises(StorageAccessError, match="credentials do not belong in a URL"):
         location("s3://KEY:SECRET@bucket/out")
     assert client_env("http://127.0.0.1:1")["AWS_EC2_METADATA_DISABLED"] == "true"
+
+
+def test_statistics_and_gallery_given_as_urls(remote, scale_setup, tmp_path, monkeypatch):
+    """The domain shift's statistics files and the report's gallery read from the store give
+    the bytes their local copies give."""
+    import torch
+
+    from digi2real.cli import main
+    from digi2real.data.embeddings import save_embeddings
+    from digi2real.data.manifest import read_npy
+    from digi2real.pipeline.conditioning import IdentityEncoder
+    from digi2real.pipeline.domain_shift import compute_stats, embedding_batches
+    from digi2real.weights import open_weights
+
+    monkeypatch.setenv("DIGI2REAL_CACHE", str(tmp_path / "node-cache"))
+    encoder = IdentityEncoder.from_weights(open_weights(str(scale_setup["weights"])), id_dim=16)
+    torch.set_num_threads(1)
+    rng = torch.Generator().manual_seed(5)
+    stats = {}
+    for kind in ("real", "synthetic"):
+        embeddings = torch.nn.functional.normalize(torch.randn(64, 16, generator=rng), dim=1)
+        made = compute_stats(
+            embedding_batches(embeddings.numpy(), 32),
+            encoder.encode,
+            kind=kind,
+            encoder_digest=encoder.digest,
+            source=kind,
+        )
+        stats[kind] = (made.save(tmp_path / f"{kind}.stats"), f"{remote['base']}/{kind}.stats")
+        made.save(stats[kind][1])
+    runs = {}
+    for where, (src, out, index) in {
+        "local": (scale_setup["src"], tmp_path / "shifted", 0),
+        "s3": (remote["src"], f"{remote['base']}/shifted", 1),
+    }.items():
+        shift = ["--shift-method", "mean_shift", "--shift-alpha", "1.0"]
+        shift += ["--real-stats", str(stats["real"][index])]
+        shift += ["--synthetic-stats", str(stats["synthetic"][index])]
+        assert main(convert_argv(src, out, scale_setup["weights"], *shift)) == 0  # type: ignore[arg-type]
+        runs[where] = out
+    assert tree(runs["s3"]) == tree(runs["local"])
+
+    gallery = read_npy(runs["local"] / ".digi2real" / "outputs.npy")[:2]
+    save_embeddings(tmp_path / "gallery.npy", gallery)
+    save_embeddings(f"{remote['base']}/gallery.npy", gallery)
+    assert main(["report", str(runs["local"]), "--gallery", str(tmp_path / "gallery.npy")]) == 0
+    assert main(["report", runs["s3"], "--gallery", f"{remote['base']}/gallery.npy"]) == 0
+    local_report = (runs["local"] / "report" / "report.json").read_bytes()
+    assert location(f"{runs['s3']}/report/report.json").read_bytes() == local_report
+    assert b"leak" in local_report

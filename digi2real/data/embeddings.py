@@ -68,16 +68,17 @@ def l2_normalize(array: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def save_embeddings(
-    path: str | Path,
+    path: str | Path | ObjectPath,
     embeddings: np.ndarray,
     *,
     identities: list[str] | None = None,
     paths: list[str] | None = None,
-) -> Path:
+) -> Any:
+    """``path`` (a ``.npy`` path or URL) and its rows file, written through fsio."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = location(path)
     if path.suffix != ".npy":
         raise ValueError(f"embedding file must end in .npy, got {path.name!r}")
     embeddings = check_embeddings(embeddings)

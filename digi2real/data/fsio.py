@@ -316,7 +316,8 @@ class ObjectFile(AtomicFile):
 
     def __init__(self, path: ObjectPath | str, *, fsync: bool = True) -> None:
         path = location(path)
-        assert isinstance(path, ObjectPath)  # AtomicFile.__new__ chose this class for it
+        if not isinstance(path, ObjectPath):
+            raise ValueError(f"{path} is not on an object store: use AtomicFile")
         self.path = path
         self.fsync = fsync
         self.temp_path = None

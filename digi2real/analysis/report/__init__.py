@@ -79,6 +79,7 @@ from digi2real.config import Config
 from digi2real.data import fsio, layout
 from digi2real.data.embeddings import load_embeddings
 from digi2real.data.layout import OutLayout
+from digi2real.data.store import location
 
 __all__ = [
     "DEFAULT_COLLISION_THRESHOLD",
@@ -190,7 +191,7 @@ def build_report(
     report["thresholds"]["leak"] = leak_threshold
     report["leakage"] = None
     if gallery is not None:
-        gallery = Path(gallery)
+        gallery = location(gallery)  # a path or a URL
         report["leakage"] = leakage_figures(
             dataset.outputs,
             dataset.codes,
