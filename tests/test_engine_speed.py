@@ -106,7 +106,7 @@ def test_compile_flag_reaches_the_generator(tiny_weights, tiny_config, monkeypat
     def fake_compile(self, *args, **kwargs):
         compiled.append(type(self).__name__)
 
-    # plumbing only: the real compile is exercised (and timed) by scripts/bench.py
+    # plumbing only: the real compile is exercised (and timed) by `digi2real bench`
     monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
     plain = make_engine(tiny_weights, tiny_config)
     assert not plain.generator.compiled and compiled == []

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from digi2real.config import DTYPES, SHIFT_METHODS, SHIFT_POSITIONS
+from digi2real.config import DECODERS, DTYPES, SAMPLERS, SHIFT_METHODS, SHIFT_POSITIONS
 
 # exit codes: 0 success, 1 a run that failed, 2 usage or config errors, 130 Ctrl-C (128 +
 # SIGINT, what a shell reports for an interrupted command)
@@ -54,7 +54,20 @@ FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
             {"type": int, "help": "targets per UNet call (speed only)"},
         ),
         "--dtype": ("generation.dtype", {"choices": DTYPES}),
-        "--steps": ("generation.steps", {"type": int, "help": "DPM-Solver++ steps"}),
+        "--sampler": (
+            "generation.sampler",
+            {"choices": SAMPLERS, "help": "dpmsolver++ (paper), or lcm / tcd with --lora"},
+        ),
+        "--steps": ("generation.steps", {"type": int, "help": "sampler steps (lcm/tcd: 1-8)"}),
+        "--lora": (
+            "generation.lora",
+            {"help": "LoRA fused into the UNet: lcm | tcd (weights components) or a file"},
+        ),
+        "--lora-scale": ("generation.lora_scale", {"type": float, "help": "LoRA strength"}),
+        "--decoder": (
+            "generation.decoder",
+            {"choices": DECODERS, "help": "vae (SD-1.5) or tiny (TAESD, cheaper)"},
+        ),
         "--guidance": ("generation.guidance", {"type": float, "help": "classifier-free guidance"}),
         "--init-strength": (
             "generation.init_strength",

@@ -112,7 +112,10 @@ def finalize(
     weights_manifest: dict[str, Any],
     env: dict[str, Any],
     shift: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> Summary:
+    """``lora``: the LoRA fused into the UNet (name, sha256, scale), recorded in config.yaml
+    and the card (its path is host-dependent and stays under the environment)."""
     out = Path(out)
     paths = OutLayout(out)
     missing = [s for s in range(len(plan.shards)) if not paths.is_committed(s)]
@@ -164,6 +167,7 @@ def finalize(
         },
         # what the domain shift was made of (stats checksums, face counts, positions...)
         "shift": shift,
+        "lora": lora,
         "environment": {**env, **moved},
     }
     fsio.atomic_write_bytes(

@@ -73,6 +73,49 @@ REAL_ENCODER_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
 }
 
+# madebyollin/taesd's config.json (diffusers AutoencoderTiny): decodes SD-1.5's scaled latents
+REAL_TAESD_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderTiny",
+    "act_fn": "relu",
+    "decoder_block_out_channels": [64, 64, 64, 64],
+    "encoder_block_out_channels": [64, 64, 64, 64],
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "out_channels": 3,
+    "scaling_factor": 1.0,
+    "upsampling_scaling_factor": 2,
+}
+
+# The UNet layers the SD-1.5 LCM-LoRA adapts (diffusers' LCM-LoRA distillation script's
+# target modules): attention projections, feed-forward, transformer in/out projections and
+# the ResNet convolutions, as suffixes of diffusers module names.
+LORA_TARGET_SUFFIXES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+# The public files' key formats (read by diffusers either way): LCM-LoRA in the kohya/A1111
+# layout (``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` /
+# ``.alpha``), TCD-LoRA as saved by diffusers' ``save_lora_weights`` (``unet.<module>.lora.down
+# .weight`` / ``.lora.up.weight``, no alphas).
+LORA_KEY_FORMATS = {"lcm": "kohya", "tcd": "diffusers"}
+
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -95,7 +138,7 @@ REAL_FACE_CONFIG: dict[str, Any] = {
         "std": [127.5, 127.5, 127.5],
     },
     "detector": {
-        "file": "scrfd_10g_bnkps.onnx",
+        "file": "det_10g.onnx",
         "kind": "scrfd",
         "input_size": 640,
         "score_threshold": 0.5,
@@ -131,6 +174,16 @@ TINY_ENCODER_CONFIG: dict[str, Any] = {
     "num_hidden_layers": 2,
     "projection_dim": 32,
 }
+
+TINY_TAESD_CONFIG: dict[str, Any] = {
+    **REAL_TAESD_CONFIG,
+    "decoder_block_out_channels": [8, 8, 8, 8],
+    "encoder_block_out_channels": [8, 8, 8, 8],
+    "num_decoder_blocks": [1, 1, 1, 1],
+    "num_encoder_blocks": [1, 1, 1, 1],
+}
+TINY_LORA_RANK = 4
+TINY_LORA_ALPHA = 2.0  # != rank, so alpha/rank scaling is exercised (kohya files carry alphas)
 
 TINY_ID_DIM = 16
 TINY_DETECTOR_SIZE = 160
