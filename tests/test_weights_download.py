@@ -70,7 +70,7 @@ def test_download_converts_records_and_verifies(fake_hub, tiny_weights, tmp_path
     # the downloaded dir loads with the same classes
     from digi2real.pipeline.conditioning import IdentityEncoder
 
-    assert IdentityEncoder.from_weights(opened, id_dim=16).hidden_size == 32
+    assert IdentityEncoder.from_weights(opened, id_dim=16).hidden_size == 64
 
 
 def test_verify_catches_tampering_after_download(fake_hub, tiny_weights, tmp_path):
