@@ -21,7 +21,7 @@ from digi2real.pipeline.lora import fuse_lora, key_format, load_unfused, read_lo
 from digi2real.runner.convert import convert
 from digi2real.runner.plan import ConfigMismatchError
 from digi2real.weights import sha256_file
-from digi2real.weights.configs import TINY_LORA_ALPHA, TINY_LORA_RANK
+from digi2real.weights.configs import TINY_ID_DIM, TINY_LORA_ALPHA, TINY_LORA_RANK
 
 LCM = SamplerSettings("lcm", 4, 1.0)
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")
@@ -35,8 +35,9 @@ def fresh_unet(tiny_weights):
 
 def unet_call(unet, seed=0):
     rng = torch.Generator().manual_seed(seed)
-    latents = torch.randn(2, 4, 8, 8, generator=rng)
-    context = torch.randn(2, 77, 32, generator=rng)
+    size = unet.config.sample_size
+    latents = torch.randn(2, unet.config.in_channels, size, size, generator=rng)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=rng)
     with torch.no_grad():
         return unet(latents, torch.tensor(500), encoder_hidden_states=context).sample
 
@@ -137,7 +138,11 @@ def test_unusable_lora_files_are_refused(tiny_weights, tmp_path):
 def lcm_generator(tiny_weights):
     torch.set_num_threads(1)
     return Arc2FaceGenerator.from_weights(
-        tiny_weights, id_dim=16, lora=tiny_weights.lora_file("lcm"), decoder="tiny", settings=LCM
+        tiny_weights,
+        id_dim=TINY_ID_DIM,
+        lora=tiny_weights.lora_file("lcm"),
+        decoder="tiny",
+        settings=LCM,
     )
 
 
@@ -152,7 +157,7 @@ def unet_batches(generator, call):
 
 
 def test_guidance_one_runs_the_unet_once_per_step_on_the_batch(lcm_generator):
-    ids = unit_rows(3, 16, seed=1)
+    ids = unit_rows(3, TINY_ID_DIM, seed=1)
     assert unet_batches(lcm_generator, lambda: lcm_generator(ids, seeds=[1, 2, 3])) == [3] * 4
     guided = SamplerSettings("lcm", 4, 1.5)
     sizes = unet_batches(
@@ -164,7 +169,7 @@ def test_guidance_one_runs_the_unet_once_per_step_on_the_batch(lcm_generator):
 def test_stochastic_sampler_noise_is_per_image(lcm_generator):
     """LCM draws noise at every step but the last: from each image's own generator, so an
     image does not depend on its batch (float rounding of batched kernels aside)."""
-    ids = unit_rows(3, 16, seed=2)
+    ids = unit_rows(3, TINY_ID_DIM, seed=2)
     seeds = [21, 22, 23]
     batch = lcm_generator(ids, seeds=seeds).images
     assert np.array_equal(batch, lcm_generator(ids, seeds=seeds).images)
@@ -179,18 +184,18 @@ def test_stochastic_sampler_noise_is_per_image(lcm_generator):
 
 def test_tcd_runs_and_differs_from_lcm(tiny_weights, lcm_generator):
     tcd = Arc2FaceGenerator.from_weights(
-        tiny_weights, id_dim=16, lora=tiny_weights.lora_file("tcd"), decoder="tiny"
+        tiny_weights, id_dim=TINY_ID_DIM, lora=tiny_weights.lora_file("tcd"), decoder="tiny"
     )
-    ids = unit_rows(2, 16, seed=3)
+    ids = unit_rows(2, TINY_ID_DIM, seed=3)
     images = tcd(ids, seeds=[1, 2], settings=SamplerSettings("tcd", 4, 1.0)).images
     assert images.shape == (2, 64, 64, 3)
     assert not np.array_equal(images, lcm_generator(ids, seeds=[1, 2]).images)
 
 
 def test_few_step_sampler_without_its_lora_is_refused(tiny_weights):
-    plain = Arc2FaceGenerator.from_weights(tiny_weights, id_dim=16)
+    plain = Arc2FaceGenerator.from_weights(tiny_weights, id_dim=TINY_ID_DIM)
     with pytest.raises(ValueError, match="needs its distilled LoRA"):
-        plain(unit_rows(1, 16), seeds=[1], settings=LCM)
+        plain(unit_rows(1, TINY_ID_DIM), seeds=[1], settings=LCM)
 
 
 def test_tiny_decoder_decodes_instead_of_the_vae(tiny_weights, lcm_generator):
@@ -201,13 +206,13 @@ def test_tiny_decoder_decodes_instead_of_the_vae(tiny_weights, lcm_generator):
     vae_calls = []
     vae_handle = lcm_generator.vae.decoder.register_forward_hook(lambda *a: vae_calls.append(1))
     try:
-        lcm_generator(unit_rows(2, 16), seeds=[1, 2])
+        lcm_generator(unit_rows(2, TINY_ID_DIM), seeds=[1, 2])
     finally:
         handle.remove()
         vae_handle.remove()
     assert calls == [1] and vae_calls == []
     with pytest.raises(ValueError, match="unknown decoder"):
-        Arc2FaceGenerator.from_weights(tiny_weights, id_dim=16, decoder="taesd")
+        Arc2FaceGenerator.from_weights(tiny_weights, id_dim=TINY_ID_DIM, decoder="taesd")
 
 
 # -- fast4 end to end ------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_download_converts_records_and_verifies(fake_hub, release_server, tmp_pa
     # the downloaded dir loads with the same classes
     from digi2real.pipeline.conditioning import IdentityEncoder
 
-    assert IdentityEncoder.from_weights(opened, id_dim=16).hidden_size == 32
+    assert IdentityEncoder.from_weights(opened, id_dim=16).hidden_size == 64
 
 
 def test_optional_components_on_request_keep_the_digest(fake_hub, release_server, tmp_path):

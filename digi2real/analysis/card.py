@@ -228,7 +228,8 @@ def render_dataset_card(
     if profile == "tiny":
         lines += [
             "> Generated with the **tiny** weights profile (random weights): a test output, "
-            "not a usable dataset.",
+            "not a usable dataset. Its images are noise, and its report's figures describe "
+            "pixel similarity of noise images, not faces.",
             "",
         ]
     lines += _generation(config, lora)

@@ -99,6 +99,17 @@ FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
 }
 
 
+def three_floats(text: str) -> tuple[float, float, float]:
+    """An argparse type: ``a,b,c`` (a per-channel mean or std)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values[0], values[1], values[2]
+
+
 def add_config_flags(parser: argparse.ArgumentParser, *groups: str) -> None:
     """Add the flags of ``groups`` (``model`` always) under one "config" heading."""
     section = parser.add_argument_group("config")
