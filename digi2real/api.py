@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from digi2real.config import Config
+from digi2real.config import Config, flatten
 from digi2real.data.embeddings import check_embeddings, l2_normalize, load_embeddings
 from digi2real.data.images import load_image
 from digi2real.data.readers import IMAGE_EXTENSIONS, image_files
@@ -23,6 +23,10 @@ from digi2real.pipeline.interpolate import plan_identity
 from digi2real.version import __version__
 
 logger = logging.getLogger(__name__)
+
+# What random weights cannot honour: their detector finds no face (centre crop instead), their
+# recognizer keeps no identity (accept all), and compiling them buys nothing.
+TINY_PROFILE_FIELDS = ("filter.threshold", "filter.fallback", "generation.compile")
 
 ImagesOrEmbeddings = str | Path | np.ndarray | Sequence[str | Path | np.ndarray]
 
@@ -75,11 +79,23 @@ def resolve_config(
         return config
     if config is not None:
         return Config.from_yaml(config)
+    root = location(weights_dir) if weights_dir is not None else default_weights_dir("real")
+    tiny = (root / DIR_MANIFEST).is_file() and open_weights(str(root)).profile == "tiny"
     if preset is None:
-        root = location(weights_dir) if weights_dir is not None else default_weights_dir("real")
-        tiny = (root / DIR_MANIFEST).is_file() and open_weights(str(root)).profile == "tiny"
         preset = "tiny" if tiny else "default"
-    return Config.preset_named(preset)
+    chosen = Config.preset_named(preset)
+    if tiny and preset != "tiny":
+        # random weights find no face and keep no identity: take the tiny preset's values of
+        # the fields that depend on that, so any preset runs end to end on the tiny profile
+        tiny_values = flatten(Config.preset_named("tiny").to_dict())
+        changed = {f: tiny_values[f] for f in TINY_PROFILE_FIELDS}
+        logger.warning(
+            "preset %r on the tiny profile (random weights): using the tiny preset's %s",
+            preset,
+            ", ".join(f"{k}={v!r}" for k, v in changed.items()),
+        )
+        chosen = chosen.override(changed, where=f"preset {preset} on the tiny profile")
+    return chosen
 
 
 class Digi2Real:

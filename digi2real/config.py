@@ -27,7 +27,14 @@ SHIFT_POSITIONS = ("all", "varying")
 FALLBACKS = ("none", "center_crop")
 RUNNERS = ("local", "ray")
 INTERP_KINDS = ("source", "slerp", "dirichlet")
-SAMPLERS = ("dpmsolver++",)
+SAMPLERS = ("dpmsolver++", "lcm", "tcd")
+# Few-step samplers: the UNet must carry a distilled LoRA (LCM-LoRA, TCD-LoRA) fused at load.
+FEW_STEP_SAMPLERS = ("lcm", "tcd")
+FEW_STEP_MAX_STEPS = 8
+# LCM-LoRA and TCD-LoRA were distilled without (or with weak) classifier-free guidance: their
+# model cards use 1.0-2.0; stronger guidance over-saturates.
+FEW_STEP_MAX_GUIDANCE = 2.0
+DECODERS = ("vae", "tiny")
 DTYPES = ("float32", "float16", "bfloat16")
 COLORS = ("RGB", "BGR")
 
@@ -91,6 +98,12 @@ class GenerationConfig(Section):
     # render-guided transfer: 0 = text-to-image from noise; s > 0 starts each target from its
     # render, noised to the timestep s selects (diffusers' img2img strength)
     init_strength: Annotated[Number, Field(ge=0, le=1)] = 0.0
+    # a LoRA fused into the UNet once at load: a weights-dir component (lcm | tcd, fetched by
+    # `weights download --with lcm,tcd`) or a .safetensors file (kohya or diffusers/peft keys)
+    lora: Text | None = None
+    lora_scale: Annotated[Number, Field(gt=0)] = 1.0
+    # vae: SD-1.5's AutoencoderKL; tiny: TAESD (AutoencoderTiny), a fraction of the decode cost
+    decoder: Literal[DECODERS] = "vae"
 
 
 class ShiftConfig(Section):
@@ -311,6 +324,9 @@ class Config(Section):
             )
         if len(set(formats)) != len(formats):
             raise ConfigError([f"output.formats has duplicates: {formats}"])
+        problems = self._generation_problems()
+        if problems:
+            raise ConfigError(problems)
         if self.shift.enabled:
             missing = [
                 name
@@ -336,6 +352,41 @@ class Config(Section):
                 ]
             )
         return self
+
+    def _generation_problems(self) -> list[str]:
+        """Sampler, steps, guidance and LoRA must fit together."""
+        gen = self.generation
+        if gen.sampler not in FEW_STEP_SAMPLERS:
+            if gen.lora in FEW_STEP_SAMPLERS:
+                return [
+                    f"generation.lora = {gen.lora!r} is a few-step distillation: use it with "
+                    f"generation.sampler = {gen.lora!r} (steps 1-{FEW_STEP_MAX_STEPS}), not "
+                    f"{gen.sampler!r}"
+                ]
+            return []
+        problems = []
+        if gen.lora is None:
+            problems.append(
+                f"generation.sampler = {gen.sampler!r} needs its distilled LoRA: set "
+                f"generation.lora = {gen.sampler!r} (fetch it with `digi2real weights download "
+                f"--with {gen.sampler}`) or a LoRA file, or use the preset fast4"
+            )
+        elif gen.lora in FEW_STEP_SAMPLERS and gen.lora != gen.sampler:
+            problems.append(
+                f"generation.lora = {gen.lora!r} was distilled for sampler {gen.lora!r}, not "
+                f"generation.sampler = {gen.sampler!r}"
+            )
+        if gen.steps > FEW_STEP_MAX_STEPS:
+            problems.append(
+                f"generation.steps = {gen.steps}: sampler {gen.sampler!r} takes 1-"
+                f"{FEW_STEP_MAX_STEPS} steps (more steps need sampler 'dpmsolver++')"
+            )
+        if gen.guidance > FEW_STEP_MAX_GUIDANCE:
+            problems.append(
+                f"generation.guidance = {gen.guidance}: sampler {gen.sampler!r} takes guidance "
+                f"1.0-{FEW_STEP_MAX_GUIDANCE} (1.0 runs the UNet once per step, no guidance batch)"
+            )
+        return problems
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -377,6 +428,7 @@ FREE_FIELDS = frozenset(PLACEMENT_FIELDS) | {
     "shift.real_stats",
     "shift.synthetic_stats",
     "shift.required",
+    "generation.lora",
     "report.recognizer",
     "report.input_size",
     "report.color",
@@ -390,6 +442,7 @@ FREE_FIELDS = frozenset(PLACEMENT_FIELDS) | {
 HOST_PATH_FIELDS = (
     "weights",
     "source.root",
+    "generation.lora",
     "shift.real_stats",
     "shift.synthetic_stats",
     "report.recognizer",
@@ -443,10 +496,15 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def output_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Fields (dotted) that differ and change the output; ``old``/``new`` are flattened."""
+    """Fields (dotted) that differ and change the output; ``old``/``new`` are flattened. A
+    field that ``old`` predates (an OUT made by an earlier version) is no difference while
+    ``new`` keeps its default, which is what the earlier version did."""
+    defaults = flatten(Config().to_dict())
     keys = sorted(set(old) | set(new))
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in keys
-        if k not in FREE_FIELDS and old.get(k) != new.get(k)
+        if k not in FREE_FIELDS
+        and old.get(k) != new.get(k)
+        and not (k not in old and k in defaults and new.get(k) == defaults[k])
     ]

@@ -17,6 +17,7 @@ import transformers
 
 from digi2real.pipeline.conditioning import IdentityEncoder
 from digi2real.weights import open_weights
+from digi2real.weights.configs import TINY_ID_DIM
 
 
 def main() -> None:
@@ -25,7 +26,9 @@ def main() -> None:
     parser.add_argument("out")
     args = parser.parse_args()
     weights = open_weights(args.weights)
-    encoder = IdentityEncoder.from_weights(weights, id_dim=16 if weights.profile == "tiny" else 512)
+    encoder = IdentityEncoder.from_weights(
+        weights, id_dim=TINY_ID_DIM if weights.profile == "tiny" else 512
+    )
     vectors = np.random.default_rng(0).normal(size=(4, encoder.id_dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     cond = encoder.encode(vectors).float().numpy()

@@ -9,14 +9,17 @@ own start); the later a step, the less it matters, and the last ones get what ti
 Steps (full run on CUDA; ``--dry``: the same steps on CPU with the tiny profile)::
 
     env            python, torch, CUDA, the GPU, package versions, onnxruntime providers
-    bench-eager    scripts/bench.py, full-size Arc2Face architecture with random weights at
-                   Arc2Face defaults (DPM-Solver++ 25 steps, guidance 3.0, 512x512): the naive
-                   loop beside the engine at batch 8/16/32 in fp16 and bf16; per-call error of
-                   channels_last, fp16 and bf16 against fp32
+    bench-eager    `digi2real bench --naive`, full-size Arc2Face architecture with random
+                   weights at Arc2Face defaults (DPM-Solver++ 25 steps, guidance 3.0, 512x512):
+                   the naive loop beside the engine at batch 8/16/32 in fp16 and bf16; per-call
+                   error of channels_last, fp16 and bf16 against fp32
+    bench-modes    `digi2real bench`: images/s end to end and FLOPs per image of the presets
+                   default, fast, fast20, fast15 and fast4 (LCM 4 steps, TAESD), eager: the
+                   result file `convert --dry-run` estimates GPU-hours from
     embedding      IResNet-100 (arcface.onnx's architecture, random weights) on the GPU, torch
     pytest-gpu     pytest -m gpu (tests/test_gpu.py: every CUDA-only path)
     bench-compile  the engine with torch.compile, fp16 and bf16, batch 16, beside the naive loop
-    compile-error  per-call error of torch.compile against fp32 (bench --skip-paths)
+    compile-error  per-call error of torch.compile against fp32 (bench --variants compile)
 
 Outputs in ``--out``: gpu_check.json (everything, rewritten after each step), gpu_check.md
 (the tables) and gpu_check.log (every step's output).
@@ -42,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "scripts" / "bench.py"
+BENCH = ["-m", "digi2real", "bench"]
 SCHEMA = 1
 FULL_BUDGET_S = 480  # the issue: the whole check inside 8 minutes of wall time
 DRY_BUDGET_S = 240
@@ -98,20 +101,35 @@ class Step:
 
 
 def bench_args(dry: bool, kind: str) -> list[str]:
-    """bench.py's options for one step. Full: the full-size architecture at Arc2Face defaults on
-    CUDA. Dry: the tiny profile on CPU, the same options at sizes that take seconds."""
+    """`digi2real bench`'s options for one step. Full: the full-size architecture at Arc2Face
+    defaults on CUDA. Dry: the tiny profile on CPU, the same options at sizes that take
+    seconds."""
+    if kind == "modes":
+        if dry:
+            return [
+                *("--profile", "tiny", "--device", "cpu", "--threads", "1"),
+                *("--modes", "default,fast4", "--method", "end-to-end", "--mode-images", "4"),
+            ]
+        # eager: a compilation per mode and batch shape would not fit the budget; the compile
+        # steps below measure what it adds
+        return [
+            *("--profile", "full-random", "--device", "cuda", "--method", "end-to-end"),
+            *("--modes", "default,fast,fast20,fast15,fast4", "--mode-images", "64"),
+            *("--mode-compile", "off"),
+        ]
     if dry:
         # the compile steps are skipped in dry mode (steps_for): only the eager one runs
         return [
             *("--profile", "tiny", "--device", "cpu", "--steps", "2", "--threads", "1"),
-            *("--skip-trajectories", "--skip-embedding", "--plan-images", "0"),
+            *("--modes", "none", "--naive"),
             *("--images=4", "--batch-sizes", "2", "4", "--engine-dtypes", "float32", "bfloat16"),
             *("--variants", "channels_last", "fp16", "bf16", "--variant-batch=1", "--repeats=1"),
         ]
     common = ["--profile", "full-random", "--device", "cuda", "--steps", "25", "--guidance", "3.0"]
-    common += ["--skip-embedding", "--plan-images", "0"]
+    common += ["--modes", "none"]
     if kind == "eager":
         return common + [
+            "--naive",
             "--images=32",
             "--batch-sizes",
             "8",
@@ -130,6 +148,7 @@ def bench_args(dry: bool, kind: str) -> list[str]:
     if kind == "compile":
         # one batch shape: each shape (and dtype) is a compilation of UNet and VAE decoder
         return common + [
+            "--naive",
             "--images=16",
             "--batch-sizes",
             "16",
@@ -137,10 +156,8 @@ def bench_args(dry: bool, kind: str) -> list[str]:
             "--engine-dtypes",
             "float16",
             "bfloat16",
-            "--skip-variants",
         ]
     return common + [
-        "--skip-paths",
         "--variants",
         "compile",
         "--variant-batch=2",
@@ -187,7 +204,7 @@ def read_pytest(work: Path) -> dict[str, Any]:
 
 def steps_for(dry: bool, python: str) -> list[Step]:
     child = [python, str(Path(__file__).resolve())] + (["--dry"] if dry else [])
-    bench = [python, str(BENCH)]
+    bench = [python, *BENCH]
     no_compile = (
         "dry mode: inductor compilations take minutes on this CPU; the GPU run compiles"
         if dry
@@ -209,6 +226,14 @@ def steps_for(dry: bool, python: str) -> list[Step]:
             [*bench, *bench_args(dry, "eager")],
             read_json("bench.json"),
             what="naive loop vs engine, batch sizes, fp16/bf16, per-call errors",
+        ),
+        Step(
+            "bench-modes",
+            120,
+            40,
+            [*bench, *bench_args(dry, "modes")],
+            read_json("bench.json"),
+            what="images/s and FLOPs per image of default, fast*, fast4",
         ),
         Step(
             "embedding",
@@ -291,7 +316,7 @@ class Runner:
         work = work_root / step.name
         work.mkdir(parents=True, exist_ok=True)
         command = [part.replace("{work}", str(work)) for part in step.command]
-        if command[1] == str(BENCH):
+        if command[1:4] == BENCH:
             command.append(f"--json={work / 'bench.json'}")
         elif "--child" in command:
             command.append(f"--result={work / 'result.json'}")
@@ -411,12 +436,11 @@ def child_env(dry: bool) -> dict[str, Any]:
 
 
 def child_embedding(dry: bool) -> dict[str, Any]:
-    """bench.py's embedding stage at two batch sizes: torch fp16 channels_last on CUDA (no
-    onnxruntime GPU build travels; NOT_CARRIED), fp32 on CPU in dry mode."""
+    """`digi2real bench`'s embedding stage at two batch sizes: torch fp16 channels_last on
+    CUDA (no onnxruntime GPU build travels; NOT_CARRIED), fp32 on CPU in dry mode."""
     import torch
 
-    sys.path.insert(0, str(BENCH.parent))
-    import bench
+    from digi2real.bench.embedding import embedding_throughput
 
     if dry:
         arch, device, batches, seconds = "r18", torch.device("cpu"), [2], 0.2
@@ -426,7 +450,7 @@ def child_embedding(dry: bool) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-embed-") as tmp:
         for batch in batches:
-            rows.append(bench.embedding_throughput(arch, device, batch, seconds, False, Path(tmp)))
+            rows.append(embedding_throughput(arch, device, batch, seconds, False, Path(tmp)))
     import onnxruntime
 
     return {
@@ -499,6 +523,20 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     ]
     if rates:
         summary["embedding_faces_per_s"] = max(rates)
+    modes = step_result(report, "bench-modes")
+    if modes.get("modes"):
+        ratios = modes.get("mode_ratios", {})
+        summary["modes"] = [
+            {
+                "mode": m["mode"],
+                **{k: m["settings"][k] for k in ("sampler", "steps", "decoder", "dtype")},
+                "batch": m["settings"]["batch_size"],
+                "tflop_per_image": m["flops_per_image"] / 1e12,
+                "images_per_s": m.get("images_per_s"),
+                "time_x_default": ratios.get(m["mode"], {}).get("time"),
+            }
+            for m in modes["modes"]
+        ]
     tests = step_result(report, "pytest-gpu")
     if tests:
         summary["pytest_gpu"] = tests.get("counts")
@@ -646,6 +684,27 @@ def markdown(report: dict[str, Any]) -> str:
         headers += ["fraction of peak", "peak MiB", "post-process exposed s"]
         headers += ["non-diffusion", "OOM halvings"]
         out += [md_table(headers, rows), ""]
+    if summary.get("modes"):
+        rows = [
+            [
+                m["mode"],
+                f"{m['sampler']} {m['steps']}",
+                m["decoder"],
+                m["dtype"],
+                m["batch"],
+                m["tflop_per_image"],
+                m["images_per_s"],
+                m["time_x_default"],
+            ]
+            for m in summary["modes"]
+        ]
+        headers = ["mode", "sampler", "decoder", "dtype", "batch", "TFLOP/image", "images/s"]
+        out += [
+            "## Modes (end to end, eager)",
+            "",
+            md_table([*headers, "time x default"], rows),
+            "",
+        ]
     if summary.get("variants"):
         rows = [
             [

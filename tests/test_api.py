@@ -5,6 +5,7 @@ import pytest
 from helpers import unit_rows
 
 from digi2real import Digi2Real
+from digi2real.weights.configs import TINY_ID_DIM
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def d2r(tiny_weights):
 def test_augment_from_a_folder_of_one_identity(d2r, sample_dataset):
     result = d2r.augment(sample_dataset / "2", num_images=5, seed=1)
     assert len(result.images) + len(result.rejected) == 5
-    assert result.source_embeddings.shape == (4, 16)
+    assert result.source_embeddings.shape == (4, TINY_ID_DIM)
     for item in result.images:
         assert item.image.shape == (112, 112, 3) and item.image.dtype == np.uint8
         assert item.original.shape == (64, 64, 3)
@@ -31,7 +32,7 @@ def test_augment_from_a_folder_of_one_identity(d2r, sample_dataset):
 
 
 def test_augment_from_embeddings_array_and_raw_norms(d2r):
-    embeddings = unit_rows(3, 16) * 20.0  # raw ArcFace outputs have norm ~20: normalised
+    embeddings = unit_rows(3, TINY_ID_DIM) * 20.0  # raw ArcFace outputs have norm ~20: normalised
     result = d2r.augment(embeddings, num_images=4, seed=0)
     assert len(result.images) == 4
     assert np.allclose(np.linalg.norm(result.source_embeddings, axis=1), 1, atol=1e-5)
@@ -47,10 +48,10 @@ def test_augment_from_image_arrays(d2r, sample_dataset):
 
 
 def test_augment_validates(d2r):
-    with pytest.raises(ValueError, match=r"\(N, 16\)"):
+    with pytest.raises(ValueError, match=rf"\(N, {TINY_ID_DIM}\)"):
         d2r.augment(unit_rows(2, 8), num_images=2)
     with pytest.raises(ValueError, match="num_images"):
-        d2r.augment(unit_rows(2, 16), num_images=0)
+        d2r.augment(unit_rows(2, TINY_ID_DIM), num_images=0)
     with pytest.raises(FileNotFoundError):
         d2r.augment("/nonexistent/folder")
 
@@ -152,4 +153,4 @@ def test_augment_with_init_strength_starts_from_the_given_images(d2r, sample_dat
     assert all(item.metadata["init_path"] is None for item in plain.images)
     assert not np.array_equal(result.images[0].image, plain.images[0].image)
     with pytest.raises(ValueError, match="pass images, not embeddings"):
-        d2r.augment(unit_rows(3, 16), num_images=2, init_strength=0.5)
+        d2r.augment(unit_rows(3, TINY_ID_DIM), num_images=2, init_strength=0.5)

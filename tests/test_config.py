@@ -5,14 +5,14 @@ import pytest
 from digi2real.config import Config, flatten, output_differences
 
 
-@pytest.mark.parametrize("name", ["default", "fast", "fast20", "fast15", "tiny"])
+@pytest.mark.parametrize("name", ["default", "fast", "fast20", "fast15", "fast4", "tiny"])
 def test_presets_load(name):
     config = Config.preset_named(name)
     assert config.preset == name
 
 
 def test_unknown_preset_and_field_name_valid_choices():
-    with pytest.raises(ValueError, match="valid: default, fast, fast15, fast20, tiny"):
+    with pytest.raises(ValueError, match="valid: default, fast, fast15, fast20, fast4, tiny"):
         Config.preset_named("nope")
     with pytest.raises(ValueError, match="unknown config field.*stepz"):
         Config.from_dict({"generation": {"stepz": 3}})
@@ -134,3 +134,50 @@ def test_defaults_survive_the_round_trip_unchanged():
         config = Config.preset_named(name)
         assert Config.from_dict(config.to_dict()) == config
         assert isinstance(config.generation.guidance, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"generation.sampler": "lcm"}, "needs its distilled LoRA: set generation.lora = 'lcm'"),
+        (
+            {"generation.sampler": "lcm", "generation.lora": "lcm", "generation.steps": 9},
+            "takes 1-8 steps",
+        ),
+        (
+            {"generation.sampler": "tcd", "generation.lora": "tcd", "generation.guidance": 3.0},
+            "takes guidance 1.0-2.0",
+        ),
+        (
+            {"generation.sampler": "tcd", "generation.lora": "lcm", "generation.steps": 4},
+            "distilled for sampler 'lcm'",
+        ),
+        ({"generation.lora": "lcm"}, "few-step distillation: use it with generation.sampler"),
+    ],
+)
+def test_few_step_combinations_are_refused(override, message):
+    config = Config.preset_named("tiny").override({"generation.guidance": 1.0, **override})
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_few_step_preset_and_a_user_lora_validate():
+    fast4 = Config.preset_named("fast4").validate()
+    gen = fast4.generation
+    assert (gen.sampler, gen.steps, gen.guidance, gen.lora, gen.decoder) == (
+        "lcm",
+        4,
+        1.0,
+        "lcm",
+        "tiny",
+    )
+    # any LoRA file with the paper's sampler (a style LoRA, say) is the user's choice
+    Config.preset_named("tiny").override({"generation.lora": "style.safetensors"}).validate()
+
+
+def test_fields_an_older_out_predates_are_no_difference_at_their_defaults():
+    new = flatten(Config.preset_named("tiny").to_dict())
+    old = {k: v for k, v in new.items() if k not in ("generation.decoder", "generation.lora_scale")}
+    assert output_differences(old, new) == []
+    changed = {**new, "generation.decoder": "tiny"}
+    assert output_differences(old, changed) == ["generation.decoder: None -> 'tiny'"]

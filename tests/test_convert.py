@@ -18,6 +18,7 @@ from digi2real.config import Config
 from digi2real.data.images import read_image_note
 from digi2real.runner.convert import convert
 from digi2real.runner.plan import ConfigMismatchError
+from digi2real.weights.configs import TINY_ID_DIM
 
 OUTPUTS = 3
 STEPS = 3
@@ -141,7 +142,7 @@ def test_manifest_columns_labels_and_metadata(reference, tiny_weights):
         assert abs(sum(row["interp_weights"]) - 1) < 1e-6
     outputs = np.load(out / ".digi2real" / "outputs.npy")
     targets = np.load(out / ".digi2real" / "targets.npy")
-    assert outputs.shape == targets.shape == (len(rows), 16)
+    assert outputs.shape == targets.shape == (len(rows), TINY_ID_DIM)
     sims = (outputs * targets).sum(1)
     assert np.allclose(sims, [r["similarity"] for r in rows], atol=1e-5)
     jpeg = (out / rows[0]["path"]).read_bytes()

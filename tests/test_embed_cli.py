@@ -6,6 +6,7 @@ import numpy as np
 
 from digi2real.cli import main
 from digi2real.data.embeddings import load_embeddings
+from digi2real.weights.configs import TINY_ID_DIM
 
 
 def test_embed_writes_unit_rows_with_identities_and_paths(
@@ -29,7 +30,7 @@ def test_embed_writes_unit_rows_with_identities_and_paths(
     assert main(args) == 0
     assert "8 embeddings (1 unusable files)" in capsys.readouterr().out
     data = load_embeddings(out)
-    assert data.embeddings.shape == (8, 16)
+    assert data.embeddings.shape == (8, TINY_ID_DIM)
     assert np.allclose(np.linalg.norm(data.embeddings, axis=1), 1, atol=1e-5)
     assert data.identities == ["alice"] * 4 + ["bob"] * 4
     assert data.paths[0] == "alice/0.png" and data.paths[-1] == "bob/3.png"

@@ -9,6 +9,7 @@ import torch
 from helpers import unit_rows
 
 from digi2real.runner.engine import Engine
+from digi2real.weights.configs import TINY_ID_DIM
 
 STEPS = 3
 
@@ -36,7 +37,7 @@ def faces_equal(a, b) -> bool:
 
 
 def test_overlap_gives_the_same_bytes_as_the_serial_path(engine):
-    targets, seeds = unit_rows(7, 16, seed=3), list(range(100, 107))
+    targets, seeds = unit_rows(7, TINY_ID_DIM, seed=3), list(range(100, 107))
     engine.overlap = False
     serial = engine.generate(targets, seeds)
     engine.overlap = True
@@ -57,7 +58,7 @@ def test_overlap_propagates_postprocess_errors(engine, monkeypatch):
     monkeypatch.setattr(engine, "postprocess", broken)
     engine.overlap = True
     with pytest.raises(RuntimeError, match="embedder died"):
-        engine.generate(unit_rows(4, 16), [1, 2, 3, 4])
+        engine.generate(unit_rows(4, TINY_ID_DIM), [1, 2, 3, 4])
 
 
 def test_cuda_oom_halves_the_batch_and_goes_on(tiny_weights, tiny_config, monkeypatch):
@@ -72,7 +73,7 @@ def test_cuda_oom_halves_the_batch_and_goes_on(tiny_weights, tiny_config, monkey
         return real(targets, seeds)
 
     monkeypatch.setattr(engine, "_generate_batch", flaky)
-    targets, seeds = unit_rows(9, 16, seed=1), list(range(7, 16))
+    targets, seeds = unit_rows(9, TINY_ID_DIM, seed=1), list(range(7, 16))
     faces = engine.generate(targets, seeds)
     assert calls == [8, 4, 2, 2, 2, 2, 1] and engine.batch_size == 2
     assert len(engine.oom_events) == 2 and "batch 8" in engine.oom_events[0]
@@ -92,12 +93,12 @@ def test_oom_at_batch_one_is_raised(tiny_weights, tiny_config, monkeypatch):
 
     monkeypatch.setattr(engine, "_generate_batch", always)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        engine.generate(unit_rows(2, 16), [1, 2])
+        engine.generate(unit_rows(2, TINY_ID_DIM), [1, 2])
 
 
 def test_mismatched_seeds_refused(engine):
     with pytest.raises(ValueError, match="3 targets but 2 seeds"):
-        engine.generate(unit_rows(3, 16), [1, 2])
+        engine.generate(unit_rows(3, TINY_ID_DIM), [1, 2])
 
 
 def test_compile_flag_reaches_the_generator(tiny_weights, tiny_config, monkeypatch):
@@ -106,7 +107,7 @@ def test_compile_flag_reaches_the_generator(tiny_weights, tiny_config, monkeypat
     def fake_compile(self, *args, **kwargs):
         compiled.append(type(self).__name__)
 
-    # plumbing only: the real compile is exercised (and timed) by scripts/bench.py
+    # plumbing only: the real compile is exercised (and timed) by `digi2real bench`
     monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
     plain = make_engine(tiny_weights, tiny_config)
     assert not plain.generator.compiled and compiled == []

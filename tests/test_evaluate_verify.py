@@ -325,7 +325,7 @@ def test_hostile_bin_through_the_cli_runs_nothing(tmp_path: Path, capsys) -> Non
     assert not (tmp_path / "pwned").exists()
 
 
-def test_the_allow_list_is_exactly_numpy_array_rebuilding_and_latin1_bytes() -> None:
+def test_the_allow_list_is_exactly_numpy_array_rebuilding_and_bytes() -> None:
     assert set(ALLOWED_GLOBALS) == {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
@@ -336,6 +336,8 @@ def test_the_allow_list_is_exactly_numpy_array_rebuilding_and_latin1_bytes() -> 
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
+        ("builtins", "bytearray"),
+        ("__builtin__", "bytearray"),
     }
     # each maps to a stand-in of this package, never to the numpy/codecs object it names
     assert all(
@@ -472,14 +474,56 @@ def pair_identities(num_pairs: int, seed: int) -> tuple[list[int], list[bool]]:
     return identities, issame
 
 
+def imencode_columns(identities: list[int]) -> list[np.ndarray]:
+    """What insightface's ``cfp2pack.py`` / ``agedb2pack2.py`` append per image:
+    ``_, s = cv2.imencode('.jpg', bgr)``. OpenCV 2-4 return a uint8 column (N, 1); this
+    environment's OpenCV 5 returns (N,), so it is shaped as the tools' OpenCV gave it. A flat
+    grey JPEG decodes exactly, so the images equal :func:`coded_images`."""
+    import cv2
+
+    columns = []
+    for image in coded_images(identities):
+        ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]))
+        assert ok and encoded.dtype == np.uint8
+        columns.append(encoded.reshape(-1, 1))
+    return columns
+
+
+def py2_bytearray_bin(path: Path, images: list[bytes], issame: list[bool]) -> Path:
+    """Python 2's ``pickle.dump(([bytearray(data), ...], issame), f, 2)``: each item is
+    ``__builtin__.bytearray(u'<data as latin-1>', 'latin-1')``, spelled out in opcodes."""
+    out = bytearray(b"\x80\x02(]")
+    for data in images:
+        text = data.decode("latin-1").encode("utf-8")
+        out += b"c__builtin__\nbytearray\nX" + struct.pack("<I", len(text)) + text
+        out += b"U\x07latin-1\x86Ra"  # TUPLE2, REDUCE, APPEND
+    out += b"]" + b"".join(b"\x88a" if same else b"\x89a" for same in issame) + b"t."
+    path.write_bytes(bytes(out))
+    return path
+
+
 def bin_forms(num_pairs: int) -> dict[str, tuple[object, int | str]]:
     """(payload, pickle protocol or writer) for each shape insightface's tools write."""
     identities, issame = pair_identities(num_pairs, seed=7)
     encoded = [encode_identity(i) for i in identities]
     as_arrays = [np.frombuffer(data, dtype=np.uint8) for data in encoded]  # small_lfw.bin
+    columns = imencode_columns(identities)
     decoded = coded_images(identities)
     flags = np.array(issame, dtype=bool)
     return {
+        # cfp2pack.py / agedb2pack2.py: cv2.imencode columns, pickle.HIGHEST_PROTOCOL; on
+        # Python 2 + numpy 1 (2), on Python 3 + numpy 1 (4), on Python 3.8+ + numpy 2 (5)
+        "cv2-columns-py2": ((columns, issame), "py2"),
+        "cv2-columns-numpy1-p4": ((columns, issame), "numpy1"),
+        "cv2-columns-p5": ((columns, issame), 5),
+        "cv2-columns-p2": ((columns, flags), 2),
+        "cv2-rows-p4": (([c.reshape(1, -1) for c in columns], issame), 4),
+        # bins.append(bytearray(fin.read())): Python 3 protocols 2-4 name builtins.bytearray,
+        # protocol 5 has an opcode for it; Python 2 names __builtin__.bytearray
+        "bytearray-p2": (([bytearray(e) for e in encoded], issame), 2),
+        "bytearray-p4": (([bytearray(e) for e in encoded], issame), 4),
+        "bytearray-p5": (([bytearray(e) for e in encoded], issame), 5),
+        "py2-bytearray": ((encoded, issame), "py2-bytearray"),
         "bytes-list-p4": ((encoded, issame), 4),
         "encoded-arrays-p4": ((as_arrays, issame), 4),
         "encoded-arrays-numpy-bools-p2": ((as_arrays, [np.bool_(x) for x in issame]), 2),
@@ -501,6 +545,8 @@ def test_every_bin_form_loads_to_the_same_images(tmp_path: Path, form: str) -> N
     path = tmp_path / "lfw.bin"
     if protocol == "py2":
         write_py2_bin(path, payload)
+    elif protocol == "py2-bytearray":
+        py2_bytearray_bin(path, *payload)  # type: ignore[misc]
     elif protocol == "numpy1":
         write_numpy1_bin(path, payload)
     else:
@@ -511,6 +557,44 @@ def test_every_bin_form_loads_to_the_same_images(tmp_path: Path, form: str) -> N
     images, labels = load_bin(path)
     assert labels == issame and all(type(x) is bool for x in labels)
     np.testing.assert_array_equal(decode_images(images), np.stack(coded_images(identities)))
+
+
+def test_cli_reads_a_cv2_imencode_bin_like_the_same_pairs_as_bytes(tmp_path: Path) -> None:
+    """A .bin of cv2.imencode columns (N, 1) scores exactly as the same JPEGs stored as bytes."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    faces = rng.integers(0, 256, (NUM_IDENTITIES, 112, 112, 3), dtype=np.uint8)
+    identities, issame = pair_identities(60, seed=4)
+    columns = []
+    for identity in identities:
+        noisy = faces[identity] + rng.normal(0, 40, (112, 112, 3))
+        image = np.clip(noisy, 0, 255).astype(np.uint8)
+        ok, encoded = cv2.imencode(".jpg", image)
+        assert ok
+        columns.append(encoded.reshape(-1, 1))  # OpenCV 2-4's shape (see imencode_columns)
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    write_bin(bins / "lfw.bin", (columns, issame), pickle.HIGHEST_PROTOCOL)
+    write_bin(bins / "cfp_fp.bin", ([c.tobytes() for c in columns], issame), 4)
+    model = linear_onnx(tmp_path / "rec.onnx", rng.normal(size=(3 * 112 * 112, 16)))
+    out = tmp_path / "table.md"
+    argv = ["evaluate", "verify", str(model), "--bins", str(bins), "--out", str(out)]
+    assert main([*argv, "--names", "lfw,cfp_fp"]) == 0
+    results = {
+        row["name"]: row for row in json.loads(out.with_suffix(".json").read_text())["results"]
+    }
+    assert results["lfw"]["num_pairs"] == results["cfp_fp"]["num_pairs"] == 60
+    assert results["lfw"]["accuracy"] == results["cfp_fp"]["accuracy"] > 0.6
+    assert results["lfw"]["fold_accuracies"] == results["cfp_fp"]["fold_accuracies"]
+
+
+def test_mxnet_ndarrays_are_refused_with_the_way_out(tmp_path: Path) -> None:
+    # what pickling mxnet NDArray images names first: refused before anything is built
+    path = tmp_path / "nd.bin"
+    path.write_bytes(b"\x80\x02(]cmxnet.ndarray.ndarray\nNDArray\n)Ra]\x88at.")
+    with pytest.raises(ValueError, match=r"mxnet .*asnumpy"):
+        load_bin(path)
 
 
 def test_cli_reads_numpy_array_and_python2_bins(tmp_path: Path, capsys) -> None:

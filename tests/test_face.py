@@ -27,6 +27,7 @@ from digi2real.face import (
     make_session,
 )
 from digi2real.face.embed import preprocess
+from digi2real.weights.configs import TINY_ID_DIM
 from digi2real.weights.face_config import load_face_config, save_face_config
 from digi2real.weights.tiny_face import (
     export_tiny_detector,
@@ -34,7 +35,7 @@ from digi2real.weights.tiny_face import (
     tiny_face_specs,
 )
 
-TINY_DIM = 16
+TINY_DIM = TINY_ID_DIM
 TINY_DET_SIZE = 160
 
 
@@ -184,6 +185,17 @@ def test_tiny_recognizer_has_dynamic_batch(tiny_dir: Path) -> None:
     assert out.shape[1] == TINY_DIM
 
 
+def test_tiny_recognizer_keeps_images_apart(embedder: FaceEmbedder) -> None:
+    faces = random_faces(6)
+    faces[5] = 90  # a flat image has no pattern: a finite embedding all the same
+    tinted = np.clip(faces[:1].astype(int) + 40, 0, 255).astype(np.uint8)
+    out = embedder.embed(np.concatenate([faces, tinted]))
+    assert np.isfinite(out).all()
+    cosines = out[:5] @ out[:5].T
+    assert np.abs(cosines[~np.eye(5, dtype=bool)]).max() < 0.6  # unrelated images stay apart
+    assert out[0] @ out[6] > 0.99  # an overall colour shift is not a different face
+
+
 def test_tiny_detector_has_scrfd_output_layout(tiny_dir: Path) -> None:
     model = onnx.load(str(tiny_dir / "scrfd_10g_bnkps.onnx"))
     assert len(model.graph.output) == 9
@@ -235,7 +247,9 @@ def test_preprocessing_matches_opencv_blob_semantics() -> None:
 def test_embedding_depends_on_spec_preprocessing(tiny_dir: Path, embedder: FaceEmbedder) -> None:
     faces = random_faces(2, seed=3)
     base = embedder.embed(faces)
-    for change in ({"mean": (0.0, 0.0, 0.0)}, {"color": "BGR"}):
+    # the tiny recognizer centres each channel on its image mean: a mean is invisible to it,
+    # a per-channel scale is not
+    for change in ({"std": (30.0, 127.5, 127.5)}, {"color": "BGR"}):
         spec = dataclasses.replace(embedder.spec, **change)
         assert not np.allclose(FaceEmbedder(spec, tiny_dir).embed(faces), base, atol=1e-4)
 

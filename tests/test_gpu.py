@@ -7,7 +7,7 @@
   of it need, on the tiny architecture run at 512x512, and reported in the run's summary;
 - the pinned-memory upload of the initial noise and the uint8 readback through a pinned buffer
   (``Arc2FaceGenerator.prepare_latents`` / ``decode``);
-- per-call fp16 / bf16 / channels_last error against fp32 (scripts/bench.py's own check);
+- per-call fp16 / bf16 / channels_last error against fp32 (`digi2real bench --variants`);
 - the Ray runner with ``num_gpus=1`` actors (skipped without Ray).
 
 Tolerances, fixed from CPU measurements before any GPU ran them: on this tiny profile (2
@@ -21,9 +21,7 @@ conversion must stay within fp16's reach: mean <= 2 grey levels, max <= 24, cosi
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,16 +104,6 @@ def tf32_off() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def load_bench() -> Any:
-    if "bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench"] = module  # before running it: its dataclasses look it up
-        spec.loader.exec_module(module)
-    return sys.modules["bench"]
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -322,13 +310,16 @@ def test_decode_reads_back_uint8_through_a_pinned_buffer(generators, monkeypatch
 
 
 def test_half_precision_per_call_error_within_tolerance(generators, tiny_config, tiny_weights):
-    """scripts/bench.py's check on CUDA: UNet and VAE decode in fp16 / bf16 (and fp32
+    """`digi2real bench --variants`'s check on CUDA: UNet and VAE decode in fp16 / bf16 (and fp32
     channels_last) against fp32 with TF32 off; bars 20 unit roundoffs (1e-4 same dtype)."""
     import torch
 
-    bench = load_bench()
+    from digi2real.bench import checks
+    from digi2real.bench.models import Setup
+    from digi2real.weights.configs import REAL_TAESD_CONFIG
+
     _, cuda = generators
-    setup = bench.Setup(
+    setup = Setup(
         profile="tiny",
         device=torch.device("cuda"),
         dtype="float32",
@@ -336,10 +327,12 @@ def test_half_precision_per_call_error_within_tolerance(generators, tiny_config,
         generator=cuda,
         config=tiny_config(**{"run.device": "cuda"}),
         face_weights=tiny_weights,
+        taesd=None,
+        taesd_config=REAL_TAESD_CONFIG,
     )
     rows = {
         r["variant"]: r
-        for r in bench.measure_variants(setup, ["channels_last", "fp16", "bf16"], 2, 1)
+        for r in checks.measure_variants(setup, ["channels_last", "fp16", "bf16"], 2, 1)
     }
     assert set(rows) == {"fp32 eager (reference)", "channels_last", "fp16", "bf16"}
     for name in ("channels_last", "fp16", "bf16"):
@@ -347,4 +340,4 @@ def test_half_precision_per_call_error_within_tolerance(generators, tiny_config,
         assert "error" not in row, row
         assert row["passed"], row
     assert rows["fp16"]["dtype"] == "float16" and rows["bf16"]["dtype"] == "bfloat16"
-    assert rows["fp16"]["tolerance"] == bench.TOL_HALF[torch.float16]
+    assert rows["fp16"]["tolerance"] == checks.TOL_HALF[torch.float16]

@@ -17,7 +17,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STEPS = ["env", "bench-eager", "embedding", "pytest-gpu", "bench-compile", "compile-error"]
+STEPS = [
+    "env",
+    "bench-eager",
+    "bench-modes",
+    "embedding",
+    "pytest-gpu",
+    "bench-compile",
+    "compile-error",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +59,10 @@ def test_dry_run_runs_every_step_and_skips_only_the_compiles(dry):
     assert report["install"]["status"] == "skipped (dry run)"
     steps = {s["name"]: s for s in report["steps"]}
     assert list(steps) == STEPS
-    for name in STEPS[:4]:
+    for name in STEPS[:5]:
         assert steps[name]["status"] == "ok", steps[name]
         assert 0 < steps[name]["seconds"] <= steps[name]["timeout_s"]
-    for name in STEPS[4:]:
+    for name in STEPS[5:]:
         assert steps[name]["status"] == "skipped" and "dry mode" in steps[name]["reason"]
     assert report["wall_s"] < report["budget_s"] == 240
     assert seconds < 240
@@ -75,7 +83,11 @@ def test_dry_json_carries_every_measurement(dry):
         "engine b2 bfloat16",
         "engine b4 bfloat16",
     ]
+    modes = steps["bench-modes"]["result"]
+    assert [m["mode"] for m in modes["modes"]] == ["default", "fast4"]
+    assert all(m["method"] == "end-to-end" and m["images"] == 4 for m in modes["modes"])
     summary = report["summary"]
+    assert [m["mode"] for m in summary["modes"]] == ["default", "fast4"]
     engines = summary["engine_paths"]
     assert [e["dtype"] for e in engines] == ["float32", "float32", "bfloat16", "bfloat16"]
     for engine in engines:
@@ -102,6 +114,7 @@ def test_dry_markdown_has_the_tables(dry):
     for heading in (
         "## Steps",
         "## Generation",
+        "## Modes (end to end, eager)",
         "## Per-call error against fp32",
         "## Embedding",
         "## pytest -m gpu",

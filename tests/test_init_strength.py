@@ -14,6 +14,7 @@ from digi2real.data.layout import OutLayout
 from digi2real.pipeline.generate import Arc2FaceGenerator, SamplerSettings
 from digi2real.pipeline.interpolate import Target, init_source
 from digi2real.runner.convert import convert
+from digi2real.weights.configs import TINY_ID_DIM
 
 STEPS = 20
 
@@ -22,7 +23,7 @@ STEPS = 20
 def generator(tiny_weights):
     torch.manual_seed(0)
     return Arc2FaceGenerator.from_weights(
-        tiny_weights, id_dim=16, settings=SamplerSettings(steps=STEPS)
+        tiny_weights, id_dim=TINY_ID_DIM, settings=SamplerSettings(steps=STEPS)
     )
 
 
@@ -37,7 +38,7 @@ def renders(generator, sample_dataset) -> np.ndarray:
 
 
 def test_strength_zero_is_the_text_to_image_path_bit_for_bit(generator, monkeypatch):
-    ids = unit_rows(2, 16, seed=4)
+    ids = unit_rows(2, TINY_ID_DIM, seed=4)
     plain = generator(ids, seeds=[5, 6]).images
 
     def no_vae_encoding(*args, **kwargs):
@@ -53,7 +54,7 @@ def test_distance_from_the_vae_round_trip_grows_with_strength(generator, renders
     more the higher the strength, up to the text-to-image distance at strength 1 (the tiny
     VAE's latents are ~0.05 in scale, so even one noise step dominates them: a small strength
     stays close to the init only with real weights, which this machine does not have)."""
-    ids = unit_rows(2, 16, seed=1)
+    ids = unit_rows(2, TINY_ID_DIM, seed=1)
     with torch.no_grad():
         round_trip = generator.decode(generator.encode_images(renders)).astype(int)
 
@@ -73,7 +74,7 @@ def test_distance_from_the_vae_round_trip_grows_with_strength(generator, renders
 
 
 def test_invalid_init_inputs(generator, renders):
-    ids = unit_rows(2, 16, seed=1)
+    ids = unit_rows(2, TINY_ID_DIM, seed=1)
     with pytest.raises(ValueError, match="strength must be in"):
         generator(ids, seeds=[1, 2], image=renders, strength=1.5)
     with pytest.raises(ValueError, match="together with a strength"):

@@ -16,19 +16,20 @@ from digi2real.pipeline.domain_shift import (
     embedding_batches,
     load_stats,
 )
+from digi2real.weights.configs import TINY_ID_DIM
 
 
 def population(center_seed: int, n: int, spread: float = 0.3) -> np.ndarray:
     rng = np.random.default_rng(center_seed)
-    center = rng.normal(size=16)
+    center = rng.normal(size=TINY_ID_DIM)
     center /= np.linalg.norm(center)
-    x = center + spread * rng.normal(size=(n, 16))
+    x = center + spread * rng.normal(size=(n, TINY_ID_DIM))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_weights):
-    return IdentityEncoder.from_weights(tiny_weights, id_dim=16)
+    return IdentityEncoder.from_weights(tiny_weights, id_dim=TINY_ID_DIM)
 
 
 @pytest.fixture(scope="module")

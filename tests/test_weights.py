@@ -12,7 +12,10 @@ from digi2real.cli import main
 
 def test_tiny_profile_has_the_real_layout(tiny_weights):
     root = tiny_weights.root
-    package = {e["path"] for e in weights.load_package_manifest()["files"]}
+    # every file of the real profile, optional components included; not a hand-placed stand-in
+    package = {
+        e["path"] for e in weights.load_package_manifest()["files"] if not e.get("alternative_to")
+    }
     present = {f["path"] for f in tiny_weights.files}
     assert package <= present
     for rel in package:
@@ -27,6 +30,8 @@ def test_tiny_profile_has_the_real_layout(tiny_weights):
         unet["cross_attention_dim"]
         == json.loads((root / "encoder/config.json").read_text())["hidden_size"]
     )
+    assert json.loads((root / "taesd/config.json").read_text())["_class_name"] == "AutoencoderTiny"
+    assert {g for g in ("lcm", "tcd", "taesd") if tiny_weights.has(g)} == {"lcm", "tcd", "taesd"}
 
 
 def test_tiny_tokenizer_is_the_real_clip_vocabulary(tiny_weights):
@@ -132,17 +137,27 @@ def test_package_manifest_is_complete_and_honest():
         "tokenizer",
         "scheduler",
         "detector",
+        "lcm-lora",
+        "tcd-lora",
+        "taesd",
     } <= components
+    paths = {f["path"] for f in files}
     for entry in files:
         assert entry["license"] and "commercial" in entry
         source = entry["source"]
-        assert source["type"] in ("huggingface", "url")
+        assert source["type"] in ("huggingface", "url", "manual")
         if source["type"] == "huggingface":
             assert source["repo_id"] and source["filename"] and source["revision"]
         else:
-            assert source["manual"]
-        # unknown checksums are null (trust on first use), never invented
-        assert entry["sha256"] is None or len(entry["sha256"]) == 64
+            assert source["url"].startswith("https://") and source["manual"]
+        # a stand-in replaces a file of the manifest; an optional file has a --with name
+        assert entry.get("alternative_to") in (None, *paths)
+        assert entry.get("optional") in (None, "lcm", "tcd", "taesd")
+    # every file a new user needs is fetched by `weights download`: none is manual-only
+    required = [f for f in files if not f.get("optional") and not f.get("alternative_to")]
+    assert all(f["source"]["type"] in ("huggingface", "url") for f in required)
+    # unknown checksums are null (trust on first use), never invented
+    assert all(f["sha256"] is None or len(f["sha256"]) == 64 for f in files)
 
 
 def test_download_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):

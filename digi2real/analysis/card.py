@@ -121,6 +121,27 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _generation(config: dict[str, Any], lora: dict[str, Any] | None) -> list[str]:
+    """How the images were sampled: what sets their cost and their look."""
+    gen = config.get("generation") or {}
+    lora_text = (
+        f"`{lora['name']}` (sha256 {lora['sha256'][:16]}..., scale {lora['scale']:g}), fused"
+        if lora
+        else "none"
+    )
+    return [
+        "## Generation",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| sampler | {gen.get('sampler', 'n/a')}, {gen.get('steps', 'n/a')} steps, guidance "
+        f"{gen.get('guidance', 'n/a')} |",
+        f"| LoRA | {lora_text} |",
+        f"| decoder | {gen.get('decoder', 'vae')} |",
+        "",
+    ]
+
+
 def _headline(report: dict[str, Any]) -> list[str]:
     consistency = report.get("consistency", {})
     separation = report.get("separation", {})
@@ -182,7 +203,9 @@ def render_dataset_card(
     report: dict[str, Any] | None,
     weights_manifest: dict[str, Any],
     source_license: str | None,
+    lora: dict[str, Any] | None = None,
 ) -> str:
+    """``lora``: config.yaml's record of the LoRA fused into the UNet (None: none)."""
     license_rows = _license_rows(weights_manifest)
     source = source_license_entry(config, source_license)
     restricted = restrictions(config, weights_manifest, source_license)
@@ -209,9 +232,11 @@ def render_dataset_card(
     if profile == "tiny":
         lines += [
             "> Generated with the **tiny** weights profile (random weights): a test output, "
-            "not a usable dataset.",
+            "not a usable dataset. Its images are noise, and its report's figures describe "
+            "pixel similarity of noise images, not faces.",
             "",
         ]
+    lines += _generation(config, lora)
     lines += ["## Counts", "", "| count | value |", "|---|---|"]
     lines += [f"| {key} | {_fmt(counts[key])} |" for key in sorted(counts)]
     lines.append("")
@@ -364,4 +389,5 @@ def write_card(
         report=report,
         weights_manifest={"profile": weights.get("profile"), "files": weights.get("files", [])},
         source_license=config["source"].get("license"),
+        lora=record.get("lora"),
     )

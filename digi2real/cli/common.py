@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from digi2real.config import DTYPES, SHIFT_METHODS, SHIFT_POSITIONS
+from digi2real.config import DECODERS, DTYPES, SAMPLERS, SHIFT_METHODS, SHIFT_POSITIONS
 
 # exit codes: 0 success, 1 a run that failed, 2 usage or config errors, 130 Ctrl-C (128 +
 # SIGINT, what a shell reports for an interrupted command)
@@ -54,7 +54,20 @@ FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
             {"type": int, "help": "targets per UNet call (speed only)"},
         ),
         "--dtype": ("generation.dtype", {"choices": DTYPES}),
-        "--steps": ("generation.steps", {"type": int, "help": "DPM-Solver++ steps"}),
+        "--sampler": (
+            "generation.sampler",
+            {"choices": SAMPLERS, "help": "dpmsolver++ (paper), or lcm / tcd with --lora"},
+        ),
+        "--steps": ("generation.steps", {"type": int, "help": "sampler steps (lcm/tcd: 1-8)"}),
+        "--lora": (
+            "generation.lora",
+            {"help": "LoRA fused into the UNet: lcm | tcd (weights components) or a file"},
+        ),
+        "--lora-scale": ("generation.lora_scale", {"type": float, "help": "LoRA strength"}),
+        "--decoder": (
+            "generation.decoder",
+            {"choices": DECODERS, "help": "vae (SD-1.5) or tiny (TAESD, cheaper)"},
+        ),
         "--guidance": ("generation.guidance", {"type": float, "help": "classifier-free guidance"}),
         "--init-strength": (
             "generation.init_strength",
@@ -84,6 +97,17 @@ FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
         "--no-shift": (None, {"action": "store_true", "help": "run without the domain shift"}),
     },
 }
+
+
+def three_floats(text: str) -> tuple[float, float, float]:
+    """An argparse type: ``a,b,c`` (a per-channel mean or std)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values[0], values[1], values[2]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *groups: str) -> None:

@@ -43,7 +43,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         },
     ).validate()
     if args.dry_run:
-        report = preflight(config, args.out)
+        report = preflight(config, args.out, bench_file=args.bench)
         width = max(len(k) for k in report)
         for key, value in report.items():
             shown = f"{value:.3f}" if isinstance(value, float) else value
@@ -117,6 +117,12 @@ def register(sub: Any) -> None:
     p.add_argument("--source-license", help="licence of the source dataset (dataset card)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT and start over")
     p.add_argument("--dry-run", action="store_true", help="plan and preflight only")
+    p.add_argument(
+        "--bench",
+        type=Path,
+        help="a `digi2real bench` result for --dry-run's GPU-hours (default: the one "
+        "`digi2real bench` writes, $DIGI2REAL_HOME/bench.json, if present)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 

@@ -10,6 +10,7 @@ import logging
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from digi2real.cli.common import three_floats
 from digi2real.config import COLORS
 from digi2real.evaluate.choices import (
     BACKBONES,
@@ -87,19 +88,9 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     )
     pre.add_argument("--face-config", default=None, help="face.json (or its folder)")
     pre.add_argument("--color", choices=COLORS, default=None, help="channel order the model takes")
-    pre.add_argument("--mean", type=_three_floats, default=None, help="a,b,c in --color order")
-    pre.add_argument("--std", type=_three_floats, default=None, help="a,b,c in --color order")
+    pre.add_argument("--mean", type=three_floats, default=None, help="a,b,c in --color order")
+    pre.add_argument("--std", type=three_floats, default=None, help="a,b,c in --color order")
     pre.add_argument("--input-size", type=int, default=None, help="side the images are resized to")
-
-
-def _three_floats(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
-    return values[0], values[1], values[2]
 
 
 def run_from_args(args: argparse.Namespace) -> VerificationReport:

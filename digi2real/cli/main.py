@@ -9,13 +9,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from digi2real.cli import convert, embed, evaluate, report, weights
+from digi2real.cli import bench, convert, embed, evaluate, report, weights
 from digi2real.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from digi2real.data.store import redact_logs
 from digi2real.runner.faults import LOG_LEVEL_ENV
 from digi2real.version import __version__
 
-GROUPS = (convert, embed, weights, report, evaluate)
+GROUPS = (convert, embed, weights, report, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from digi2real.cli.common import add_config_flags, config_from_args
+from digi2real.cli.common import add_config_flags, config_from_args, three_floats
+from digi2real.config import COLORS
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -18,10 +19,25 @@ def cmd_report(args: argparse.Namespace) -> int:
         or (args.gallery is not None and location(args.gallery).suffix != ".npy")
         or args.judge is not None
         or args.config is not None
+        or args.weights is not None
         or args.pose
     )
+    if args.compare and args.out is not None:
+        raise ValueError("give the runs to compare after --compare, not OUT as well")
     judge = {"report.recognizer": ("--judge", args.judge)}
     config = config_from_args(args, **judge) if needs_models else None
+    features = None
+    if args.features is not None:
+        from digi2real.analysis.report import features_embedder
+
+        features = features_embedder(
+            args.features,
+            input_size=args.features_size,
+            color=args.features_color,
+            mean=args.features_mean,
+            std=args.features_std,
+            config=config,
+        )
     summary = run_report(
         args.out,
         gallery=args.gallery,
@@ -30,6 +46,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         config=config,
         embed_images=args.embed_images,
         pose=args.pose,
+        features=features,
+        compare=args.compare,
+        compare_out=args.compare_out,
         thresholds={
             "collision_threshold": args.collision_threshold,
             "leak_threshold": args.leak_threshold,
@@ -52,7 +71,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("report", help="dataset report (consistency, collisions, leakage)")
+    p = sub.add_parser(
+        "report",
+        help="dataset report (consistency, collisions, leakage, domain gap, runs compared)",
+    )
     p.add_argument("out", nargs="?", help="a converted dataset (path or URL)")
     p.add_argument("--gallery", help="real identities: folder of images or .npy (path or URL)")
     p.add_argument("--source", type=Path, help="check a SOURCE dataset before converting")
@@ -67,6 +89,32 @@ def register(sub: Any) -> None:
         "--judge",
         type=Path,
         help="a stricter ONNX recognizer for the report (preprocessing: report.* in --config)",
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        metavar="OUT",
+        help="several converted datasets side by side: figures and the settings that differ",
+    )
+    p.add_argument(
+        "--compare-out",
+        type=Path,
+        help="where compare.json/.html go (default: the first run's report/)",
+    )
+    features = p.add_argument_group(
+        "features", "the domain gap in an image encoder's space too (needs --gallery FOLDER)"
+    )
+    features.add_argument("--features", type=Path, help="an ONNX image encoder (DINOv2, CLIP...)")
+    features.add_argument("--features-size", type=int, help="its input side (default 224)")
+    features.add_argument("--features-color", choices=COLORS, help="its channel order (RGB)")
+    features.add_argument(
+        "--features-mean",
+        type=three_floats,
+        help="a,b,c (default ImageNet's 123.675,116.28,103.53)",
+    )
+    features.add_argument(
+        "--features-std", type=three_floats, help="a,b,c (default ImageNet's 58.395,57.12,57.375)"
     )
     p.add_argument("--collision-threshold", type=float, help="centroid cosine (default 0.6)")
     p.add_argument(

@@ -22,7 +22,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
         return 0
     if args.weights_command == "download":
         try:
-            result = weights.download(directory, token=args.token)
+            groups = weights.parse_groups(args.with_) if args.with_ else ()
+            result = weights.download(directory, token=args.token, with_=groups)
         except weights.NoNetworkError as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_FAILED
@@ -50,6 +51,13 @@ def register(sub: Any) -> None:
         )
         if name == "download":
             q.add_argument("--token", help="Hugging Face token (if a repo needs one)")
+            q.add_argument(
+                "--with",
+                dest="with_",
+                metavar="LIST",
+                help="optional components too: comma list of lcm (LCM-LoRA), tcd (TCD-LoRA), "
+                "taesd (tiny decoder), or all (preset fast4 needs lcm,taesd)",
+            )
         if name == "tiny":
             q.add_argument("--seed", type=int, default=0)
             q.add_argument("--force", action="store_true")

@@ -10,7 +10,10 @@
       manifest.parquet                     one row per accepted image; written LAST
       rejected.parquet  errors.parquet  labels.csv  config.yaml  DATASET_CARD.md  README.md
       report/{report.json,similarity_hist.png,contact_NNN.png,pose.png,index.html,
-              judge_outputs.npy}
+              judge_outputs.npy,domain_gap.png,domain_gap_features.png,
+              features_{gallery,sources,outputs}.npz}
+                                           a report (features_*: cached feature summaries)
+      report/{compare.json,compare.html}   `report --compare` of several runs (first run's)
       .digi2real/                          run state
         run.json  plan.parquet  plan_errors.parquet
         outputs.npy  targets.npy           row-aligned with manifest.parquet
@@ -49,6 +52,10 @@ REPORT_HISTOGRAM = "similarity_hist.png"
 REPORT_HTML = "index.html"
 REPORT_JUDGE_OUTPUTS = "judge_outputs.npy"
 REPORT_POSE = "pose.png"
+REPORT_DOMAIN_GAP = "domain_gap.png"  # in the recognizer's space
+REPORT_DOMAIN_GAP_FEATURES = "domain_gap_features.png"  # in the --features encoder's space
+REPORT_COMPARE_JSON = "compare.json"
+REPORT_COMPARE_HTML = "compare.html"
 KEPT_KEYS = "kept_keys.txt"
 PRUNE_JSON = "prune.json"
 
@@ -70,6 +77,12 @@ CONTACT_SHEET_GLOB = "contact_*.png"
 
 def contact_sheet_name(number: int) -> str:
     return f"contact_{number:03d}.png"
+
+
+def feature_summary_name(role: str) -> str:
+    """The report's cached summary of one population's features (gallery, sources, outputs)
+    in the ``--features`` encoder's space."""
+    return f"features_{role}.npz"
 
 
 def webdataset_shard_name(number: int) -> str:

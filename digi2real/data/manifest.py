@@ -41,6 +41,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("shift_alpha", pa.float64()),
         ("init_path", pa.string()),  # the source render the diffusion started from, or null
         ("init_strength", pa.float64()),
+        ("lora_digest", pa.string()),  # sha256 of the LoRA fused into the UNet, or null
+        ("decoder", pa.string()),  # vae | tiny (TAESD)
         ("similarity", pa.float64()),
         ("shard", pa.int64()),
         ("weights_digest", pa.string()),

@@ -4,10 +4,14 @@ A ``.bin`` is a pickle of ``(bins, issame_list)``: ``2 * len(issame_list)`` imag
 being images ``2i`` and ``2i + 1``. insightface's tools write it in several shapes, all read
 here:
 
-- ``bins``: a list of encoded images, as ``bytes`` (Python 3), ``str`` (Python 2, read with
-  ``encoding="bytes"``) or 1-D uint8 numpy arrays of the encoded bytes (``np.frombuffer``
-  of the file, as in arcface_paddle's ``small_lfw.bin``: its reader, ``BytesIO(item)``, and
-  arcface_torch's, ``mx.image.imdecode(item)``, take only encoded bytes); also accepted:
+- ``bins``: a list of encoded images, as ``bytes`` (Python 3; ``fin.read()`` in insightface's
+  ``lfw2pack.py``), ``str`` (Python 2, read with ``encoding="bytes"``), ``bytearray``, or uint8
+  numpy arrays of the encoded bytes: 1-D (``np.frombuffer`` of the file, as in arcface_paddle's
+  ``small_lfw.bin``) or a single column ``(N, 1)``, which is what ``cv2.imencode`` returns
+  and how insightface's ``cfp2pack.py``, ``agedb2pack2.py`` and the RetinaFace-aligned packers
+  store them (``_, s = cv2.imencode('.jpg', img); bins.append(s)``); a single row ``(1, N)``
+  too. arcface_paddle's reader (``BytesIO(item)``) and arcface_torch's
+  (``mx.image.imdecode(item)``) read every one of these as the encoded file. Also accepted:
   decoded ``(H, W, 3)`` uint8 arrays, taken as RGB (the order PIL and ``mx.image.imdecode``
   decode to).
 - ``issame_list``: a list of bools (Python or numpy) or a 1-D numpy bool array.
@@ -16,8 +20,9 @@ here:
 Pickles execute code when loaded, so :class:`_BinUnpickler` resolves a global only if it is
 in :data:`ALLOWED_GLOBALS`, and then to a checking stand-in, never to the named object: the
 numpy array rebuilders accept only uint8 and bool dtypes, ``_codecs.encode`` (Python 3 bytes
-under protocol <= 2) only latin-1 text. Every other global (``os.system``,
-``builtins.eval``, any class) is refused before it is called. After loading, every item is
+under protocol <= 2) only latin-1 text, ``bytearray`` only bytes (or Python 2's latin-1
+text). Every other global (``os.system``, ``builtins.eval``, any class, an mxnet ``NDArray``)
+is refused before it is called. After loading, every item is
 checked for type, dtype and shape.
 """
 
@@ -150,6 +155,18 @@ def _latin1(text: Any, encoding: Any = "latin1") -> bytes:
     return text.encode("latin-1")
 
 
+def _bytearray(data: Any = b"", encoding: Any = None) -> bytes:
+    """``bytearray(data)`` as pickled below protocol 5 (protocol 5 has its own opcode);
+    Python 2 pickled ``bytearray(u'text', 'latin-1')``. Returned as immutable bytes."""
+    if isinstance(encoding, bytes):  # a Python 2 str, read with encoding="bytes"
+        encoding = encoding.decode("ascii", "replace")
+    if isinstance(data, bytes) and encoding is None:
+        return data
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return data.encode("latin-1")
+    raise _refuse(f"bytearray of {type(data).__name__} with encoding {encoding!r}")
+
+
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _Array,
     ("numpy._core.multiarray", "_reconstruct"): _Array,
@@ -160,6 +177,8 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("_codecs", "encode"): _latin1,
+    ("builtins", "bytearray"): _bytearray,
+    ("__builtin__", "bytearray"): _bytearray,  # Python 2 (this unpickler sees raw names)
 }
 """The only globals a ``.bin`` may name, each mapped to a checking stand-in."""
 
@@ -177,6 +196,11 @@ class _BinUnpickler(pickle.Unpickler):
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
+            if module.split(".")[0] == "mxnet":
+                raise _refuse(
+                    f"mxnet {module}.{name} (write the images as bytes or numpy arrays, e.g. "
+                    "NDArray.asnumpy(), and pickle again)"
+                ) from None
             raise _refuse(f"to load global {module}.{name}") from None
 
 
@@ -188,14 +212,16 @@ def _check_images(images: Any, path: Path) -> list[BinImage]:
         if isinstance(item, bytes | bytearray):
             out.append(bytes(item))
         elif isinstance(item, np.ndarray) and item.dtype == np.uint8:
-            if item.ndim == 1 and item.size:
-                out.append(item.tobytes())  # the encoded file, as np.frombuffer gives it
+            if item.size and (item.ndim == 1 or (item.ndim == 2 and 1 in item.shape)):
+                # the encoded file: np.frombuffer gives (N,), cv2.imencode (N, 1)
+                out.append(item.tobytes())
             elif item.ndim == 3 and item.shape[2] == 3 and item.shape[0] and item.shape[1]:
                 out.append(np.ascontiguousarray(item))
             else:
                 raise ValueError(
                     f"{path}: image {index} is a uint8 array of shape {item.shape}; expected "
-                    "encoded bytes (1-D) or a decoded (H, W, 3) image"
+                    "encoded bytes ((N,), or (N, 1) as cv2.imencode returns) or a decoded "
+                    "(H, W, 3) image"
                 )
         else:
             kind = f"a {item.dtype} array" if isinstance(item, np.ndarray) else type(item).__name__

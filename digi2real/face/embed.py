@@ -35,7 +35,8 @@ def normalises_inside(model_path: Path) -> bool:
 
 
 class FaceEmbedder:
-    """L2-normalised embeddings of aligned RGB crops, batched through onnxruntime."""
+    """L2-normalised embeddings of aligned RGB crops, batched through onnxruntime (or the
+    model's raw outputs, ``normalize=False``)."""
 
     def __init__(
         self,
@@ -43,9 +44,13 @@ class FaceEmbedder:
         model_path: str | Path,
         device: str = "cpu",
         batch_size: int = 64,
+        *,
+        normalize: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # an image encoder's features (DINOv2, CLIP) are compared as they come out
+        self.normalize = normalize
         path = Path(model_path)
         self.model_path = path / spec.file if path.is_dir() else path
         self.spec = spec
@@ -99,7 +104,8 @@ class FaceEmbedder:
             raise ValueError("aligned is an empty batch (N = 0)")
 
     def embed(self, aligned: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 RGB aligned crops -> (N, dim) float32 unit vectors."""
+        """(N, S, S, 3) uint8 RGB aligned crops -> (N, dim) float32 unit vectors (as the model
+        returns them with ``normalize=False``)."""
         self._check(aligned)
         step = self._fixed_batch or self.batch_size
         chunks = []
@@ -118,6 +124,8 @@ class FaceEmbedder:
             raise FloatingPointError(
                 f"{self.model_path.name} gave non-finite embeddings for rows {bad[:10].tolist()}"
             )
+        if not self.normalize:
+            return features
         norms = np.linalg.norm(features, axis=1, keepdims=True)
         if (norms == 0).any():
             bad = np.flatnonzero(norms[:, 0] == 0)

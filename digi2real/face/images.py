@@ -138,8 +138,16 @@ def embedding_batches(
 ) -> Iterator[np.ndarray]:
     """Unit embeddings of every usable image under ``folder`` (any depth), in batches (the
     batches are what domain-shift statistics are accumulated over)."""
+    return usable_batches(embed_files(faces, image_files(folder), folder), batch_size=batch_size)
+
+
+def usable_batches(
+    outcomes: Iterable[ImageEmbedding], *, batch_size: int = 64
+) -> Iterator[np.ndarray]:
+    """The embeddings of the usable ``outcomes`` in (batch_size, D) batches (the last may be
+    shorter); unusable inputs are logged and skipped."""
     batch: list[np.ndarray] = []
-    for outcome in embed_files(faces, image_files(folder), folder):
+    for outcome in outcomes:
         if outcome.embedding is None:
             logger.warning("skipped %s: %s", outcome.name, outcome.reason)
             continue

@@ -5,7 +5,13 @@ Reads as the stages of diffusers' StableDiffusionPipeline — ``check_inputs`` -
 precomputed input (``cond``, ``latents``, per-image ``seeds``/``generators``).
 
 Each image's initial noise comes from its own CPU ``torch.Generator`` (CUDA generators draw
-different numbers), so an image does not depend on which batch it was generated in.
+different numbers), so an image does not depend on which batch it was generated in; the
+stochastic few-step samplers (LCM, TCD) draw each step's noise from the same generator.
+
+The cost levers (docs/performance.md): ``sampler`` ``lcm``/``tcd`` with their distilled LoRA
+fused into the UNet at load (:mod:`digi2real.pipeline.lora`) take 1-8 steps; guidance 1 runs
+the UNet once per step instead of on a doubled batch; ``decoder="tiny"`` decodes with TAESD
+(``AutoencoderTiny``) instead of SD-1.5's VAE.
 
 Speed options (:meth:`Arc2FaceGenerator.optimize`): channels_last weights and activations and
 ``torch.compile`` of the UNet and the VAE decoder; attention goes through PyTorch's
@@ -19,12 +25,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from digi2real.config import DTYPES, SAMPLERS
+from digi2real.config import DECODERS, DTYPES, SAMPLERS
+from digi2real.pipeline import samplers
 from digi2real.pipeline.conditioning import IdentityEncoder
 
 if TYPE_CHECKING:
@@ -71,8 +79,21 @@ class GenerationOutput:
         return {**asdict(self.settings), "dtype": self.dtype}
 
 
+@dataclass(frozen=True)
+class FusedLora:
+    """The LoRA fused into a generator's UNet at load."""
+
+    path: str
+    sha256: str
+    scale: float
+    key_format: str
+
+
 class Arc2FaceGenerator:
-    """UNet + VAE + DPM-Solver++ driven by an :class:`IdentityEncoder`."""
+    """UNet + VAE (or TAESD) + a sampler, driven by an :class:`IdentityEncoder`.
+
+    ``tiny_decoder``: an ``AutoencoderTiny`` (TAESD) that decodes instead of the VAE (the VAE
+    still encodes init images). ``lora``: what was fused into ``unet`` (None: nothing)."""
 
     def __init__(
         self,
@@ -82,13 +103,26 @@ class Arc2FaceGenerator:
         scheduler_config: dict[str, Any],
         *,
         settings: SamplerSettings | None = None,
+        tiny_decoder: Any = None,
+        lora: FusedLora | None = None,
     ) -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
+        self.tiny_decoder = None if tiny_decoder is None else tiny_decoder.eval()
+        if self.tiny_decoder is not None:
+            self.tiny_decoder.requires_grad_(False)
+        self.lora = lora
         self.encoder = encoder
         self.scheduler_config = dict(scheduler_config)
         self.settings = settings or SamplerSettings()
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if tiny_decoder is not None:
+            tiny_factor = 2 ** (len(tiny_decoder.config.decoder_block_out_channels) - 1)
+            if tiny_factor != self.vae_scale_factor:
+                raise ValueError(
+                    f"tiny decoder upsamples x{tiny_factor}, the VAE x{self.vae_scale_factor}: "
+                    "weights from different profiles?"
+                )
         self.latent_channels = int(unet.config.in_channels)
         self.latent_size = int(unet.config.sample_size)
         self.resolution = self.latent_size * self.vae_scale_factor
@@ -110,21 +144,52 @@ class Arc2FaceGenerator:
         dtype: str = "float32",
         settings: SamplerSettings | None = None,
         shift: DomainShift | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
+        decoder: str = "vae",
     ) -> Arc2FaceGenerator:
+        """``lora``: a LoRA file fused into the UNet (``WeightsDir.lora_file`` resolves a
+        component name); ``decoder``: ``vae`` or ``tiny`` (the dir's TAESD)."""
         import json
 
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
+        from digi2real.pipeline.lora import fuse_lora, read_lora
+        from digi2real.weights import sha256_file
+
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
         torch_dtype = parse_dtype(dtype)
-        unet = UNet2DConditionModel.from_pretrained(weights.unet, torch_dtype=torch_dtype)
+        fused = None
+        if lora is None:
+            unet = UNet2DConditionModel.from_pretrained(weights.unet, torch_dtype=torch_dtype)
+        else:
+            lora_file = read_lora(lora)
+            unet = UNet2DConditionModel.from_pretrained(weights.unet, torch_dtype=torch.float32)
+            unet = fuse_lora(unet, lora_file, scale=lora_scale)
+            if torch_dtype != torch.float32:
+                unet = unet.to(torch_dtype)
+            fused = FusedLora(str(lora), sha256_file(lora), lora_scale, lora_file.key_format)
         vae = AutoencoderKL.from_pretrained(weights.vae, torch_dtype=torch_dtype)
+        tiny = None
+        if decoder == "tiny":
+            tiny = AutoencoderTiny.from_pretrained(weights.taesd, torch_dtype=torch_dtype)
+            tiny = tiny.to(device)
         encoder = IdentityEncoder.from_weights(
             weights, id_dim=id_dim, device=device, dtype=torch_dtype, shift=shift
         )
         scheduler_config = json.loads(
             (weights.scheduler / "scheduler_config.json").read_text(encoding="utf-8")
         )
-        return cls(unet.to(device), vae.to(device), encoder, scheduler_config, settings=settings)
+        return cls(
+            unet.to(device),
+            vae.to(device),
+            encoder,
+            scheduler_config,
+            settings=settings,
+            tiny_decoder=tiny,
+            lora=fused,
+        )
 
     # -- properties ------------------------------------------------------------------------
 
@@ -140,9 +205,22 @@ class Arc2FaceGenerator:
     def dtype_name(self) -> str:
         return {v: k for k, v in TORCH_DTYPES.items()}[self.dtype]
 
+    @property
+    def decoder(self) -> Any:
+        """The model that turns latents into pixels: TAESD when loaded, else the VAE."""
+        return self.tiny_decoder if self.tiny_decoder is not None else self.vae
+
+    @property
+    def decoder_name(self) -> str:
+        return "vae" if self.tiny_decoder is None else "tiny"
+
+    def _modules(self) -> list[Any]:
+        extra = [] if self.tiny_decoder is None else [self.tiny_decoder]
+        return [self.unet, self.vae, self.encoder.text_encoder, *extra]
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Arc2FaceGenerator:
-        """UNet, VAE and text encoder on ``device`` (and in ``dtype``)."""
-        for module in (self.unet, self.vae, self.encoder.text_encoder):
+        """UNet, VAE, TAESD and text encoder on ``device`` (and in ``dtype``)."""
+        for module in self._modules():
             module.to(device=device, dtype=dtype)
         self.encoder.clear_cache()
         return self
@@ -153,29 +231,27 @@ class Arc2FaceGenerator:
         return {
             name: sorted({type(p).__name__ for p in model.attn_processors.values()})
             for name, model in (("unet", self.unet), ("vae", self.vae))
-        }
+        }  # TAESD has no attention
 
     def optimize(self, *, channels_last: bool = False, compile: bool = False) -> None:
         """Apply the speed options in place. Neither changes the arithmetic beyond float
-        reassociation; the tolerances are in docs/performance.md (``scripts/bench.py`` checks)."""
+        reassociation; the tolerances are in docs/performance.md (``digi2real bench --variants`` checks)."""
         if channels_last and not self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
+            self.decoder.to(memory_format=torch.channels_last)
             self.channels_last = True
         if compile and not self.compiled:
             # Module.compile() compiles in place: the object, its config and its parameters
             # stay the same, so nothing downstream sees an OptimizedModule wrapper.
             self.unet.compile(dynamic=False)
-            self.vae.decoder.compile(dynamic=False)
+            self.decoder.decoder.compile(dynamic=False)
             self.compiled = True
 
-    def make_scheduler(self, steps: int) -> Any:
-        from diffusers import DPMSolverMultistepScheduler
-
-        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-        scheduler.set_timesteps(steps, device=self.device)
-        return scheduler
+    def make_scheduler(self, steps: int, sampler: str | None = None) -> Any:
+        """The scheduler of ``sampler`` (default: the settings') set to ``steps``."""
+        return samplers.make_scheduler(
+            sampler or self.settings.sampler, self.scheduler_config, steps, self.device
+        )
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -281,21 +357,38 @@ class Arc2FaceGenerator:
         scheduler: Any,
         guidance: float,
         timesteps: Any = None,
+        *,
+        sampler: str | None = None,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
+        """Guidance > 1: the empty-prompt and identity branches in one doubled UNet batch per
+        step; guidance 1 is the identity branch alone (the same prediction, half the work).
+        ``generators``: each image's, for samplers whose steps draw noise."""
+        sampler = sampler or self.settings.sampler
         n = latents.shape[0]
-        uncond = self.encoder.encode_empty().to(self.device, self.dtype).expand(n, -1, -1)
-        context = torch.cat([uncond, cond.to(self.device, self.dtype)])
+        cond = cond.to(self.device, self.dtype)
+        guided = guidance > 1.0
+        if guided:
+            uncond = self.encoder.encode_empty().to(self.device, self.dtype).expand(n, -1, -1)
+            context = torch.cat([uncond, cond])
+        else:
+            context = cond
         for t in scheduler.timesteps if timesteps is None else timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            batch = torch.cat([latents, latents]) if guided else latents
+            model_input = scheduler.scale_model_input(batch, t)
             noise = self.unet(model_input, t, encoder_hidden_states=context).sample
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
-            latents = scheduler.step(noise, t, latents).prev_sample
+            if guided:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+            latents = samplers.step(sampler, scheduler, noise, t, latents, generators)
         return latents
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        scaled = latents / self.vae.config.scaling_factor
-        image = self.vae.decode(scaled.to(self.vae.dtype)).sample
+        # Both decoders take SD's scaled latents divided by their own scaling factor (TAESD's
+        # is 1: it was trained on scaled latents) and return pixels in [-1, 1].
+        decoder = self.decoder
+        scaled = latents / decoder.config.scaling_factor
+        image = decoder.decode(scaled.to(decoder.dtype)).sample
         image = (image / 2 + 0.5).clamp(0, 1)
         if image.device.type == "cuda":
             # Quantise on the device and copy uint8 (4x fewer bytes than float32) through a
@@ -326,23 +419,39 @@ class Arc2FaceGenerator:
         (diffusers' img2img). Without them, text-to-image from pure noise."""
         settings = settings or self.settings
         self.check_inputs(id_embeds, cond, seeds, generators, latents, image, strength)
+        if settings.sampler in samplers.STOCHASTIC and self.lora is None:
+            raise ValueError(
+                f"sampler {settings.sampler!r} needs its distilled LoRA fused into the UNet "
+                "(generation.lora); this generator has none"
+            )
         if cond is None:
             cond = self.encode(id_embeds)  # type: ignore[arg-type]
-        scheduler = self.make_scheduler(settings.steps)
+        if seeds is not None:
+            # one generator per image for its whole trajectory: the initial noise, then the
+            # noise of each step of a stochastic sampler
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        scheduler = self.make_scheduler(settings.steps, settings.sampler)
         timesteps = None
         if image is not None:
             timesteps = self.init_timesteps(scheduler, strength)
-            noise = self.prepare_latents(seeds=seeds, generators=generators)
+            noise = self.prepare_latents(generators=generators)
             latents = self.noise_images(self.encode_images(image), noise, scheduler, timesteps)
         elif latents is None:
             latents = self.prepare_latents(
-                seeds=seeds,
                 generators=generators,
                 init_noise_sigma=float(scheduler.init_noise_sigma),
             )
         else:
             latents = latents.to(self.device, self.dtype)
-        latents = self.denoise(latents, cond, scheduler, settings.guidance, timesteps)
+        latents = self.denoise(
+            latents,
+            cond,
+            scheduler,
+            settings.guidance,
+            timesteps,
+            sampler=settings.sampler,
+            generators=generators,
+        )
         images = self.decode(latents)
         return GenerationOutput(
             images=images,

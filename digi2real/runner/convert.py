@@ -18,6 +18,7 @@ from digi2real.data.store import ObjectPath, check_readable, location
 from digi2real.device import devices_for, resolve_device, resolve_dtype
 from digi2real.face.stack import FaceStack
 from digi2real.pipeline.domain_shift import DomainShift
+from digi2real.runner.cost import estimate
 from digi2real.runner.finalize import Summary, environment, finalize
 from digi2real.runner.local import run_in_process, run_workers
 from digi2real.runner.nodes import NodeSplit, node_split
@@ -25,12 +26,12 @@ from digi2real.runner.outcome import RunOutcome
 from digi2real.runner.plan import Plan, make_plan, prepare_out
 from digi2real.runner.shard import ShardResult
 from digi2real.weights import open_weights, sha256_file, verify
+from digi2real.weights.manifest import groups_for
 
 logger = logging.getLogger(__name__)
 
-# measured order of magnitude at Arc2Face defaults; a preflight estimate, not a promise
-IMAGES_PER_GPU_SECOND = 2.0
-BYTES_PER_IMAGE = 6_000  # 112x112 JPEG at quality 95 plus manifest/embedding share
+# 112x112 JPEG at quality 95 plus manifest/embedding share: an assumption, printed as one
+BYTES_PER_IMAGE = 6_000
 
 
 class ConvertError(RuntimeError):
@@ -38,9 +39,17 @@ class ConvertError(RuntimeError):
 
 
 def derived_fields(config: Config) -> dict[str, Any]:
-    """Digests that change the output although their paths may move (weights, stats)."""
+    """Digests that change the output although their paths may move (weights, stats, a LoRA,
+    TAESD: optional components are outside the weights digest)."""
     weights = open_weights(config.weights) if config.weights else None
     derived: dict[str, Any] = {"weights_digest": weights.digest if weights else None}
+    gen = config.generation
+    lora = describe_lora(config, weights) if weights is not None else None
+    if lora is not None:
+        derived["lora_sha256"] = lora["sha256"]
+    if gen.decoder == "tiny" and weights is not None:
+        weights.require("taesd")
+        derived["taesd_digest"] = weights.file_digest("taesd")
     if config.shift.enabled:
         for name in ("real_stats", "synthetic_stats"):
             path = getattr(config.shift, name)
@@ -48,6 +57,22 @@ def derived_fields(config: Config) -> dict[str, Any]:
                 sha256_file(local_file(path, folder="stats")) if path else None
             )
     return derived
+
+
+def describe_lora(config: Config, weights: Any) -> dict[str, Any] | None:
+    """The LoRA a run fuses: its name (a weights component, or the file's name), sha256 and
+    scale; None without one."""
+    lora = config.generation.lora
+    if lora is None:
+        return None
+    path = weights.lora_file(lora)
+    component = lora if path != Path(lora).expanduser() else None
+    return {
+        "name": component or path.name,
+        "component": component,
+        "sha256": sha256_file(path),
+        "scale": float(config.generation.lora_scale),
+    }
 
 
 @dataclass
@@ -112,13 +137,14 @@ class Progress:
             )
 
 
-def preflight(config: Config, out: Path) -> dict[str, Any]:
-    """The plan and what a run needs, without generating."""
+def preflight(config: Config, out: Path, *, bench_file: str | Path | None = None) -> dict[str, Any]:
+    """The plan and what a run needs, without generating. GPU-hours come from a ``digi2real
+    bench`` result (``bench_file``, else the default one) that measured these settings, or are
+    reported unknown (runner/cost.py)."""
     import onnxruntime
 
     plan = make_plan(config)
     targets = plan.num_identities * config.interpolation.outputs_per_identity
-    expected_attempts = targets * 1.2
     weights_check = verify(config.weights) if config.weights else None
     out = location(out)
     if isinstance(out, ObjectPath):
@@ -138,8 +164,9 @@ def preflight(config: Config, out: Path) -> dict[str, Any]:
         "shards": len(plan.shards),
         "targets": targets,
         "scan_errors": len(plan.errors),
-        "estimated_gpu_hours": expected_attempts / IMAGES_PER_GPU_SECOND / 3600,
+        **estimate(config, out, targets, device, bench_file),
         "estimated_disk_gb": targets * BYTES_PER_IMAGE * (len(config.output.formats)) / 1e9,
+        "estimated_disk_gb_source": f"assumed {BYTES_PER_IMAGE} bytes per image and format",
         "weights": "ok"
         if weights_check and weights_check.ok
         else (weights_check.problems if weights_check else "not set"),
@@ -253,9 +280,20 @@ def convert(
     env = environment(
         device, resolve_dtype(config.generation.dtype, device), config.generation.compile
     )
-    manifest = {"profile": weights.profile, "digest": weights.digest, "files": list(weights.files)}
+    # the licence chain and config.yaml list the files this run used, optional ones included
+    gen = config.generation
+    used = weights.files_for(groups_for(gen.lora, gen.decoder))
+    lora = describe_lora(config, weights)
+    if lora is not None and lora["component"] is None:
+        # a LoRA file of the user's: in the licence chain, its licence unknown to us
+        used.append(
+            {"path": lora["name"], "component": "lora (user file)", "sha256": lora["sha256"]}
+        )
+    manifest = {"profile": weights.profile, "digest": weights.digest, "files": used}
     description = shift.describe() if shift is not None else None
-    summary = finalize(out, config, plan, weights_manifest=manifest, env=env, shift=description)
+    summary = finalize(
+        out, config, plan, weights_manifest=manifest, env=env, shift=description, lora=lora
+    )
     summary.events = [f"shard {r.shard}: {e}" for r in outcome.results for e in r.events]
     return summary
 

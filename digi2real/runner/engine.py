@@ -63,6 +63,7 @@ class Engine(FaceStack):
         self.settings = SamplerSettings(
             config.generation.sampler, config.generation.steps, config.generation.guidance
         )
+        gen = config.generation
         if generator is None:
             generator = Arc2FaceGenerator.from_weights(
                 weights,
@@ -71,6 +72,9 @@ class Engine(FaceStack):
                 dtype=self.dtype,
                 settings=self.settings,
                 shift=shift,
+                lora=weights.lora_file(gen.lora) if gen.lora else None,
+                lora_scale=gen.lora_scale,
+                decoder=gen.decoder,
             )
         else:
             generator.settings = self.settings
@@ -110,6 +114,8 @@ class Engine(FaceStack):
             "shift_method": self.config.shift.method if self.shift else "none",
             "shift_alpha": float(self.config.shift.alpha) if self.shift else 0.0,
             "init_strength": float(self.config.generation.init_strength),
+            "lora_digest": self.generator.lora.sha256 if self.generator.lora else None,
+            "decoder": self.generator.decoder_name,
             "weights_digest": self.weights.digest,
         }
 

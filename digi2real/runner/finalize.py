@@ -113,7 +113,10 @@ def finalize(
     weights_manifest: dict[str, Any],
     env: dict[str, Any],
     shift: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> Summary:
+    """``lora``: the LoRA fused into the UNet (name, sha256, scale), recorded in config.yaml
+    and the card (its path is host-dependent and stays under the environment)."""
     out = location(out)
     paths = OutLayout(out)
     committed = paths.committed()
@@ -124,7 +127,7 @@ def finalize(
     # shared file system (the sweep below must not take another's temporary files); on a
     # store they write the same objects, whole
     with fsio.exclusive(paths.state):
-        return _finalize(out, config, plan, weights_manifest, env, shift)
+        return _finalize(out, config, plan, weights_manifest, env, shift, lora)
 
 
 def _finalize(
@@ -134,6 +137,7 @@ def _finalize(
     weights_manifest: dict[str, Any],
     env: dict[str, Any],
     shift: dict[str, Any] | None,
+    lora: dict[str, Any] | None,
 ) -> Summary:
     paths = OutLayout(out)
     faults.point("finalize-start")
@@ -184,6 +188,7 @@ def _finalize(
         },
         # what the domain shift was made of (stats checksums, face counts, positions...)
         "shift": shift,
+        "lora": lora,
         "environment": {**env, **moved},
     }
     fsio.atomic_write_bytes(

@@ -264,6 +264,8 @@ class ShardRunner:
             "shift_alpha": settings["shift_alpha"],
             "init_path": item.init_path if settings["init_strength"] > 0 else None,
             "init_strength": settings["init_strength"],
+            "lora_digest": settings["lora_digest"],
+            "decoder": settings["decoder"],
             "similarity": similarity,
             "shard": shard,
             "weights_digest": settings["weights_digest"],

@@ -20,6 +20,7 @@ from digi2real.weights.manifest import (
     default_weights_dir,
     load_package_manifest,
     open_weights,
+    parse_groups,
     sha256_file,
     verify,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ensure_tiny",
     "load_package_manifest",
     "open_weights",
+    "parse_groups",
     "sha256_file",
     "verify",
 ]

@@ -73,6 +73,49 @@ REAL_ENCODER_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
 }
 
+# madebyollin/taesd's config.json (diffusers AutoencoderTiny): decodes SD-1.5's scaled latents
+REAL_TAESD_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderTiny",
+    "act_fn": "relu",
+    "decoder_block_out_channels": [64, 64, 64, 64],
+    "encoder_block_out_channels": [64, 64, 64, 64],
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "out_channels": 3,
+    "scaling_factor": 1.0,
+    "upsampling_scaling_factor": 2,
+}
+
+# The UNet layers the SD-1.5 LCM-LoRA adapts (diffusers' LCM-LoRA distillation script's
+# target modules): attention projections, feed-forward, transformer in/out projections and
+# the ResNet convolutions, as suffixes of diffusers module names.
+LORA_TARGET_SUFFIXES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+# The public files' key formats (read by diffusers either way): LCM-LoRA in the kohya/A1111
+# layout (``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` /
+# ``.alpha``), TCD-LoRA as saved by diffusers' ``save_lora_weights`` (``unet.<module>.lora.down
+# .weight`` / ``.lora.up.weight``, no alphas).
+LORA_KEY_FORMATS = {"lcm": "kohya", "tcd": "diffusers"}
+
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -95,7 +138,7 @@ REAL_FACE_CONFIG: dict[str, Any] = {
         "std": [127.5, 127.5, 127.5],
     },
     "detector": {
-        "file": "scrfd_10g_bnkps.onnx",
+        "file": "det_10g.onnx",
         "kind": "scrfd",
         "input_size": 640,
         "score_threshold": 0.5,
@@ -111,7 +154,7 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "layers_per_block": 1,
     "norm_num_groups": 8,
-    "cross_attention_dim": 32,
+    "cross_attention_dim": 64,
     "sample_size": 8,
 }
 
@@ -125,14 +168,29 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 
 TINY_ENCODER_CONFIG: dict[str, Any] = {
     **REAL_ENCODER_CONFIG,
-    "hidden_size": 32,
-    "intermediate_size": 64,
+    "hidden_size": 64,
+    "intermediate_size": 128,
     "num_attention_heads": 2,
     "num_hidden_layers": 2,
-    "projection_dim": 32,
+    "projection_dim": 64,
 }
 
-TINY_ID_DIM = 16
+TINY_TAESD_CONFIG: dict[str, Any] = {
+    **REAL_TAESD_CONFIG,
+    "decoder_block_out_channels": [8, 8, 8, 8],
+    "encoder_block_out_channels": [8, 8, 8, 8],
+    "num_decoder_blocks": [1, 1, 1, 1],
+    "num_encoder_blocks": [1, 1, 1, 1],
+}
+TINY_LORA_RANK = 4
+TINY_LORA_ALPHA = 2.0  # != rank, so alpha/rank scaling is exercised (kohya files carry alphas)
+
+# The tiny recognizer's width, and so the identity vector the tiny encoder reads (at most its
+# hidden size). Unrelated images land at cosine ~N(0, 1/dim) after a random projection; on the
+# demo's outputs, projection seeds that make two of its six identities collide (centroid
+# cosine >= 0.6) were 15-18% at 16 dimensions, 1-2% at 32 and none of 300 at 64 (measured
+# when the tiny recognizer became a projection).
+TINY_ID_DIM = 64
 TINY_DETECTOR_SIZE = 160
 
 CLIP_TOKENIZER_CONFIG: dict[str, Any] = {

@@ -1,10 +1,13 @@
-"""``digi2real weights download``: the real profile from Hugging Face (needs network)."""
+"""``digi2real weights download``: the real profile from Hugging Face and the SCRFD detector
+from insightface's buffalo_l pack (needs network), optional components when asked."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from digi2real.weights.face_config import FACE_CONFIG
 from digi2real.weights.manifest import (
     DIR_MANIFEST,
     VerifyResult,
+    check_groups,
     entry_for,
     load_package_manifest,
     sha256_file,
@@ -29,56 +33,55 @@ class NoNetworkError(RuntimeError):
     pass
 
 
-def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
-    """Fetch every Hugging Face file of the package manifest into ``root`` (resumable: files
-    already present with a recorded checksum are kept), convert pickled checkpoints to
-    safetensors once, write ``face.json`` and ``manifest.json``. Files without a Hugging Face
-    home (SCRFD) are recorded when already placed in ``root``; else the result's problems say
-    where to download them and that running this again records them."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+def download(
+    root: str | Path, *, token: str | None = None, with_: tuple[str, ...] | list[str] = ()
+) -> VerifyResult:
+    """Fetch every file of the package manifest a run needs into ``root``, plus the optional
+    components named in ``with_`` (lcm, tcd, taesd), resumably: files already present with a
+    recorded checksum are kept. Pickled checkpoints are converted to safetensors once; the
+    SCRFD detector is extracted from insightface's buffalo_l pack. Writes ``face.json`` and
+    ``manifest.json``. A file placed by hand (antelopev2's detector) is recorded when present
+    and then stands in for the one it replaces."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    previous = {}
+    wanted = set(check_groups(list(with_)))
+    previous: dict[str, dict[str, Any]] = {}
     if (root / DIR_MANIFEST).is_file():
         previous = {
             e["path"]: e
             for e in json.loads((root / DIR_MANIFEST).read_text(encoding="utf-8"))["files"]
         }
+    package = load_package_manifest()["files"]
+    # a stand-in placed by hand makes fetching the file it replaces unnecessary
+    placed = {
+        e["alternative_to"]
+        for e in package
+        if e.get("alternative_to") and (root / e["path"]).is_file()
+    }
     entries: list[dict[str, Any]] = []
-    for meta in load_package_manifest()["files"]:
+    for meta in package:
         rel = meta["path"]
         target = root / rel
         source = meta["source"]
+        group = meta.get("optional")
         if target.is_file() and rel in previous and previous[rel]["size"] == target.stat().st_size:
             entries.append(previous[rel])
             continue
-        if source["type"] != "huggingface":
+        if source["type"] == "manual" or rel in placed:
             # placed by hand: recorded now if present; else verify() says how to get it
             if target.is_file():
                 entries.append(entry_for(root, rel, meta))
             continue
-        try:
-            fetched = Path(
-                hf_hub_download(
-                    repo_id=source["repo_id"],
-                    filename=source["filename"],
-                    revision=source.get("revision", "main"),
-                    local_dir=root / ".download",
-                    token=token,
-                )
-            )
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-            raise NoNetworkError(
-                f"could not fetch {source['repo_id']}/{source['filename']}: {error}. "
-                "Downloading weights needs network access to huggingface.co; on an offline "
-                "machine, download on another machine and copy the dir, then run "
-                "`digi2real weights verify --dir DIR`."
-            ) from error
+        if group and group not in wanted:
+            if target.is_file():  # fetched earlier, or placed by hand
+                entries.append(entry_for(root, rel, meta))
+            continue
+        fetched = _fetch(source, root / ".download", token)
         source_sha = sha256_file(fetched)
         if source.get("convert") == "torch-bin-to-safetensors":
             convert_bin_to_safetensors(fetched, target)
+        elif source.get("member"):
+            _extract(fetched, source["member"], target)
         else:
             # the download dir is ours and on the same file system: a rename, not a 3 GB copy
             fsio.publish(fetched, target)
@@ -91,7 +94,11 @@ def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
             )
         entry["trust"] = "pinned" if meta.get("sha256") else "first-use"
         entries.append(entry)
-    write_json(root / FACE_CONFIG, REAL_FACE_CONFIG)
+    face = json.loads(json.dumps(REAL_FACE_CONFIG))
+    detectors = [e["path"] for e in entries if e["component"] == "detector"]
+    if detectors and face["detector"]["file"] not in detectors:
+        face["detector"]["file"] = detectors[0]  # the stand-in placed by hand
+    write_json(root / FACE_CONFIG, face)
     entries.append(
         entry_for(
             root,
@@ -102,6 +109,65 @@ def download(root: str | Path, *, token: str | None = None) -> VerifyResult:
     shutil.rmtree(root / ".download", ignore_errors=True)
     write_dir_manifest(root, "real", entries)
     return verify(root)
+
+
+def _fetch(source: dict[str, Any], folder: Path, token: str | None) -> Path:
+    """One source file (a Hugging Face repo file or a URL) into ``folder``."""
+    if source["type"] == "huggingface":
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            return Path(
+                hf_hub_download(
+                    repo_id=source["repo_id"],
+                    filename=source["filename"],
+                    revision=source.get("revision", "main"),
+                    local_dir=folder,
+                    token=token,
+                )
+            )
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+            raise NoNetworkError(
+                f"could not fetch {source['repo_id']}/{source['filename']}: {error}. "
+                "Downloading weights needs network access to huggingface.co; on an offline "
+                "machine, download on another machine and copy the dir, then run "
+                "`digi2real weights verify --dir DIR`."
+            ) from error
+    url = source["url"]
+    try:
+        return fetch_url(url, folder / url.rsplit("/", 1)[-1])
+    except OSError as error:
+        raise NoNetworkError(
+            f"could not fetch {url}: {error}. Download it on a machine with network access, "
+            "extract the file named in `digi2real weights verify --dir DIR` into DIR, then run "
+            "`digi2real weights download --dir DIR` again: it records the file."
+        ) from error
+
+
+def fetch_url(url: str, target: Path, *, chunk: int = 1 << 20, timeout: float = 60.0) -> Path:
+    """``url`` to ``target``, resuming a partial download (HTTP Range) left by a killed run."""
+    partial = target.with_name(target.name + ".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    offset = partial.stat().st_size if partial.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        # 206: the server resumes; 200: it sends the whole file again
+        mode = "ab" if offset and response.status == 206 else "wb"
+        with open(partial, mode) as handle:
+            while block := response.read(chunk):
+                handle.write(block)
+    fsio.publish(partial, target)
+    return target
+
+
+def _extract(archive: Path, member: str, target: Path) -> None:
+    try:
+        with zipfile.ZipFile(archive) as pack:
+            data = pack.read(member)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise ValueError(f"{archive.name}: cannot extract {member}: {error}") from error
+    fsio.atomic_write_bytes(target, data)
 
 
 def convert_bin_to_safetensors(source: Path, target: Path) -> None:

@@ -11,7 +11,15 @@ A weights dir (``DIR``) has the same layout for both profiles::
     DIR/tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json}
     DIR/scheduler/scheduler_config.json
     DIR/arcface.onnx                  ArcFace recognizer (N,3,112,112) -> (N,D)
-    DIR/scrfd_10g_bnkps.onnx          SCRFD detector
+    DIR/det_10g.onnx                  SCRFD-10GF detector (buffalo_l; or antelopev2's
+                                      scrfd_10g_bnkps.onnx placed by hand: face.json names it)
+  optional (``weights download --with lcm,tcd,taesd``):
+    DIR/lcm-lora/pytorch_lora_weights.safetensors                    LCM-LoRA (sampler lcm)
+    DIR/tcd-lora/pytorch_lora_weights.safetensors                    TCD-LoRA (sampler tcd)
+    DIR/taesd/{config.json,diffusion_pytorch_model.safetensors}      AutoencoderTiny (decoder tiny)
+
+A dir's ``digest`` covers the files every run needs, not the optional ones: fetching an optional
+component later does not change it (runs that use one record that file's own digest).
 
 Nothing here fetches: :func:`open_weights` reads the dir's manifest only.
 """
@@ -61,6 +69,50 @@ def load_package_manifest() -> dict[str, Any]:
         return json.load(handle)
 
 
+def optional_groups() -> tuple[str, ...]:
+    """The ``--with`` names of the package manifest's optional components."""
+    files = load_package_manifest()["files"]
+    return tuple(sorted({f["optional"] for f in files if f.get("optional")}))
+
+
+def is_lora(entry: dict[str, Any]) -> bool:
+    return str(entry.get("component", "")).endswith("-lora")
+
+
+def lora_groups() -> tuple[str, ...]:
+    """The optional components that are LoRAs (a config's ``generation.lora`` may name one)."""
+    files = load_package_manifest()["files"]
+    return tuple(sorted({f["optional"] for f in files if f.get("optional") and is_lora(f)}))
+
+
+def groups_for(lora: str | None, decoder: str) -> tuple[str, ...]:
+    """The optional components a run with this ``generation.lora`` and ``decoder`` uses."""
+    groups = [lora] if lora in lora_groups() else []
+    if decoder == "tiny":
+        groups.append("taesd")
+    return tuple(groups)
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    """``"lcm,taesd"`` or ``"all"`` -> the optional component names (ValueError naming the
+    valid ones otherwise)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return optional_groups() if names == ["all"] else check_groups(names)
+
+
+def check_groups(groups: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    valid = optional_groups()
+    unknown = [g for g in groups if g not in valid]
+    if unknown:
+        raise ValueError(f"unknown optional weights {unknown}; valid: {', '.join(valid)}, all")
+    return tuple(groups)
+
+
+def is_required(entry: dict[str, Any]) -> bool:
+    """Every run needs it (not optional, not a stand-in for another file)."""
+    return not entry.get("optional") and not entry.get("alternative_to")
+
+
 @dataclass(frozen=True)
 class WeightsDir:
     """A weights dir that has a ``manifest.json``; paths of its components."""
@@ -91,6 +143,38 @@ class WeightsDir:
     def scheduler(self) -> Path:
         return self.root / "scheduler"
 
+    @property
+    def taesd(self) -> Path:
+        """TAESD (``AutoencoderTiny``), the tiny decoder; fetched with ``--with taesd``."""
+        self.require("taesd")
+        return self.root / "taesd"
+
+    def has(self, group: str) -> bool:
+        """Whether the optional component ``group`` (lcm, tcd, taesd) is in this dir."""
+        return any(f.get("optional") == group for f in self.files)
+
+    def require(self, group: str) -> None:
+        if not self.has(group):
+            fix = (
+                f"`digi2real weights tiny --dir {_arg(self.root)} --force`"
+                if self.profile == "tiny"
+                else f"`digi2real weights download --dir {_arg(self.root)} --with {group}`"
+            )
+            raise FileNotFoundError(f"weights dir {self.root} has no {group!r} component: {fix}")
+
+    def lora_file(self, lora: str) -> Path:
+        """A config's ``generation.lora``: a LoRA component's name (lcm, tcd) -> its file in
+        this dir; anything else is a path to a LoRA file."""
+        if lora not in lora_groups():
+            return Path(lora).expanduser()
+        self.require(lora)
+        [entry] = [f for f in self.files if f.get("optional") == lora and is_lora(f)]
+        return self.root / entry["path"]
+
+    def files_for(self, groups: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """The files a run uses: everything but the optional components not in ``groups``."""
+        return [f for f in self.files if not f.get("optional") or f["optional"] in groups]
+
     def file_digest(self, component: str) -> str:
         """sha256 over the (path, sha256) pairs of one component's files."""
         rows = sorted((f["path"], f["sha256"]) for f in self.files if f["component"] == component)
@@ -106,7 +190,7 @@ class WeightsDir:
 
 
 def _dir_digest(files: list[dict[str, Any]]) -> str:
-    rows = sorted((f["path"], f["sha256"]) for f in files)
+    rows = sorted((f["path"], f["sha256"]) for f in files if not f.get("optional"))
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -187,7 +271,7 @@ def verify(root: str | Path) -> VerifyResult:
         return f"re-fetch with `digi2real weights download --dir {_arg(root)}`"
 
     problems: list[str] = []
-    present = set()
+    present: set[str] = set()
     for entry in manifest.get("files", []):
         rel = entry["path"]
         path = root / rel
@@ -206,9 +290,12 @@ def verify(root: str | Path) -> VerifyResult:
             problems.append(
                 f"checksum mismatch: {rel} has sha256 {actual}, expected {entry['sha256']} — {fix(rel)}"
             )
+    stand_ins = {e["alternative_to"]: rel for rel, e in package.items() if e.get("alternative_to")}
     for rel, entry in package.items():
-        if rel not in present:
-            problems.append(f"missing: {rel} (required) — {_how_to_get(entry, root)}")
+        if not is_required(entry) or rel in present or stand_ins.get(rel) in present:
+            continue
+        alternative = f" (or {stand_ins[rel]}, placed by hand)" if rel in stand_ins else ""
+        problems.append(f"missing: {rel}{alternative} (required) — {_how_to_get(entry, root)}")
     return VerifyResult(root, problems, len(present))
 
 
@@ -223,6 +310,8 @@ def _how_to_get(entry: dict[str, Any], root: Path) -> str:
     download``, which records files already present in the dir (and fetches the rest)."""
     source = entry["source"]
     record = f"digi2real weights download --dir {_arg(root)}"
+    if entry.get("optional"):
+        record += f" --with {entry['optional']}"
     if source["type"] == "huggingface":
         return f"run `{record}`"
     url = source["url"]
@@ -237,6 +326,12 @@ def _how_to_get(entry: dict[str, Any], root: Path) -> str:
     else:
         place = f"download {url} to {target}"
     note = f" {source['manual']}" if source.get("manual") else ""
+    if source["type"] == "url":
+        return (
+            f"run `{record}` (it fetches {url} and extracts {member or target.name}); without "
+            f"network on this machine: {place}, then run `{record}` again: it records the "
+            f"file's size and sha256 in {root / DIR_MANIFEST}.{note}"
+        )
     return (
         f"{place}, then run `{record}` again: it records the file's size and sha256 in "
         f"{root / DIR_MANIFEST} (and fetches nothing already recorded).{note}"

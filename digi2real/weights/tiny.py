@@ -9,11 +9,15 @@ from typing import Any
 
 from digi2real.data import fsio
 from digi2real.weights.configs import (
+    LORA_KEY_FORMATS,
     REAL_FACE_CONFIG,
     SD15_SCHEDULER_CONFIG,
     TINY_DETECTOR_SIZE,
     TINY_ENCODER_CONFIG,
     TINY_ID_DIM,
+    TINY_LORA_ALPHA,
+    TINY_LORA_RANK,
+    TINY_TAESD_CONFIG,
     TINY_UNET_CONFIG,
     TINY_VAE_CONFIG,
 )
@@ -34,13 +38,15 @@ logger = logging.getLogger(__name__)
 
 
 def build_tiny(root: str | Path, *, seed: int = 0, force: bool = False) -> WeightsDir:
-    """Build the tiny profile in ``root`` (seconds, a few MB)."""
+    """Build the tiny profile in ``root`` (seconds, a few MB): every file of the real profile,
+    the optional components (LCM-LoRA, TCD-LoRA, TAESD) included."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from safetensors.torch import save
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from digi2real.weights.tiny_face import export_tiny_detector, export_tiny_recognizer
+    from digi2real.weights.tiny_lora import random_lora
 
     root = Path(root).expanduser()
     if (root / DIR_MANIFEST).exists() and not force:
@@ -57,10 +63,12 @@ def build_tiny(root: str | Path, *, seed: int = 0, force: bool = False) -> Weigh
         vae = AutoencoderKL(**model_config(TINY_VAE_CONFIG))
         encoder_config = {k: v for k, v in TINY_ENCODER_CONFIG.items() if k != "architectures"}
         encoder = CLIPTextModel(CLIPTextConfig(**encoder_config))
+        taesd = AutoencoderTiny(**model_config(TINY_TAESD_CONFIG))
     del generator
     for name, model, config in (
         ("arc2face", unet, TINY_UNET_CONFIG),
         ("vae", vae, TINY_VAE_CONFIG),
+        ("taesd", taesd, TINY_TAESD_CONFIG),
     ):
         write_json(root / name / "config.json", config)
         fsio.atomic_write_bytes(
@@ -80,7 +88,24 @@ def build_tiny(root: str | Path, *, seed: int = 0, force: bool = False) -> Weigh
     write_clip_tokenizer(root / "tokenizer")
     write_json(root / "scheduler" / "scheduler_config.json", SD15_SCHEDULER_CONFIG)
     export_tiny_recognizer(root / "arcface.onnx", dim=TINY_ID_DIM, input_size=112, seed=seed)
-    export_tiny_detector(root / "scrfd_10g_bnkps.onnx", input_size=TINY_DETECTOR_SIZE, seed=seed)
+    package = {e["path"]: e for e in load_package_manifest()["files"]}
+    # the detector every new user downloads (buffalo_l's), not its hand-placed stand-in
+    [detector] = [
+        p
+        for p, e in package.items()
+        if e["component"] == "detector" and not e.get("alternative_to")
+    ]
+    export_tiny_detector(root / detector, input_size=TINY_DETECTOR_SIZE, seed=seed)
+    for offset, (group, layout) in enumerate(sorted(LORA_KEY_FORMATS.items()), start=1):
+        [rel] = [
+            p
+            for p, e in package.items()
+            if e.get("optional") == group and p.endswith(".safetensors")
+        ]
+        state = random_lora(
+            unet, layout=layout, rank=TINY_LORA_RANK, alpha=TINY_LORA_ALPHA, seed=seed + offset
+        )
+        fsio.atomic_write_bytes(root / rel, save(state))
     face = json.loads(json.dumps(REAL_FACE_CONFIG))
     face["detector"]["input_size"] = TINY_DETECTOR_SIZE
     write_json(root / FACE_CONFIG, face)
@@ -89,15 +114,17 @@ def build_tiny(root: str | Path, *, seed: int = 0, force: bool = False) -> Weigh
         "license": "Apache-2.0 (random weights, digi2real tiny profile)",
         "commercial": True,
     }
-    package = {e["path"]: e for e in load_package_manifest()["files"]}
     entries = []
     for rel, meta in package.items():
+        if meta.get("alternative_to"):
+            continue
         entries.append(
             entry_for(
                 root,
                 rel,
                 {
                     "component": meta["component"],
+                    **({"optional": meta["optional"]} if meta.get("optional") else {}),
                     "source": {"type": "tiny", "seed": seed},
                     "license_url": None,
                     **tiny_license,

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from digi2real.analysis import metrics
+from digi2real.analysis.report.compare import compare_runs, format_compare, write_compare
 from digi2real.analysis.report.dataset import (
     Dataset,
     GalleryEmbedder,
@@ -54,9 +56,13 @@ from digi2real.analysis.report.figures import (
     leakage_figures,
     source_report,
 )
+from digi2real.analysis.report.gap import GapOptions, features_gap, recognizer_gap
 from digi2real.analysis.report.html import write_html
 from digi2real.analysis.report.judge import (
     Judge,
+    OnnxImages,
+    embedded_blocks,
+    features_embedder,
     gallery_embedder,
     judge_embedder,
     write_judge_outputs,
@@ -77,9 +83,12 @@ from digi2real.analysis.report.pose import (
 from digi2real.analysis.report.summary import format_report, format_source
 from digi2real.config import Config
 from digi2real.data import fsio, layout
-from digi2real.data.embeddings import load_embeddings
+from digi2real.data.embeddings import EmbeddingSet, load_embeddings
 from digi2real.data.layout import OutLayout
 from digi2real.data.store import location
+
+if TYPE_CHECKING:
+    from digi2real.face import FaceStack
 
 __all__ = [
     "DEFAULT_COLLISION_THRESHOLD",
@@ -90,13 +99,17 @@ __all__ = [
     "Dataset",
     "Figures",
     "GalleryEmbedder",
+    "GapOptions",
     "Judge",
     "SheetRow",
     "build_report",
     "compute_figures",
     "contact_sheets",
+    "compare_runs",
     "distribution",
+    "domain_gap_figures",
     "draw_contact_sheet",
+    "features_embedder",
     "gallery_embedder",
     "judge_embedder",
     "leakage_figures",
@@ -134,6 +147,9 @@ def build_report(
     judge_name: str | None = None,
     pose: Landmarks | None = None,
     pose_per_identity: int = DEFAULT_PER_IDENTITY,
+    features: OnnxImages | None = None,
+    faces: FaceStack | None = None,
+    gap_options: GapOptions | None = None,
 ) -> dict[str, Any]:
     """Write ``OUT/report/`` (report.json, similarity_hist.png, contact sheets, optional HTML).
 
@@ -147,6 +163,11 @@ def build_report(
     ``pose``: landmarks of a face image (e.g. :func:`.pose.detector_landmarks` of the
     weights' detector): the yaw/pitch of up to ``pose_per_identity`` source renders and outputs
     per identity, their spread, and ``pose.png``.
+    With a gallery, the domain gap (:mod:`.gap`): Fréchet distance and KID of the source
+    renders and of the outputs against it, in the run's recognizer space (``domain_gap.png``)
+    and, with ``features`` (an image encoder), in that encoder's space
+    (``domain_gap_features.png``). ``faces`` (the weights' face models) embeds the sources of a
+    shard whose cache is gone, and aligns the gallery and the sources for ``features``.
     Returns the report dict written to report.json.
     """
     check_threshold("leak_threshold", leak_threshold)
@@ -190,19 +211,33 @@ def build_report(
     report["counts"]["errors"] = count_rows(out.errors)
     report["thresholds"]["leak"] = leak_threshold
     report["leakage"] = None
+    report["domain_gap"] = None
+    if dataset.weights_profile == "tiny":
+        report["notice"] = TINY_REPORT_NOTICE
     if gallery is not None:
         gallery = location(gallery)  # a path or a URL
+        real = load_gallery(gallery, gallery_embedder)
         report["leakage"] = leakage_figures(
             dataset.outputs,
             dataset.codes,
             dataset.identities,
-            load_gallery(gallery, gallery_embedder),
+            real,
             leak_threshold,
             labels=dataset.labels,
             keys=dataset.keys,
             centroids=figures.centroids,
             gallery_name=gallery.name,
             block=block,
+        )
+        report["domain_gap"] = domain_gap_figures(
+            dataset,
+            generation_outputs,
+            real,
+            gallery,
+            report_dir,
+            features=features,
+            faces=faces,
+            options=gap_options,
         )
     plot_histogram(
         figures, report_dir / layout.REPORT_HISTOGRAM, collision_threshold=collision_threshold
@@ -222,6 +257,51 @@ def build_report(
     return report
 
 
+TINY_REPORT_NOTICE = (
+    "Made with the tiny weights profile: random weights. Its images are noise and its "
+    "recognizer a random projection of pixels, so every figure here describes pixel "
+    "similarity of noise images, not faces: the report shows the pipeline runs, nothing more."
+)
+
+
+def domain_gap_figures(
+    dataset: Dataset,
+    outputs: np.ndarray,
+    gallery: EmbeddingSet,
+    gallery_path: Path,
+    report_dir: Path,
+    *,
+    features: OnnxImages | None = None,
+    faces: FaceStack | None = None,
+    options: GapOptions | None = None,
+) -> dict[str, Any]:
+    """The domain gap in the recognizer's space and, with ``features``, the encoder's."""
+    reembed = None
+    if faces is not None:
+        stack = faces
+
+        def reembed(paths: list[Path]) -> Iterator[np.ndarray]:
+            return embedded_blocks(stack, paths)
+
+    section: dict[str, Any] = {
+        "recognizer": recognizer_gap(
+            dataset,
+            outputs,
+            gallery,
+            gallery_path.name,
+            report_dir / layout.REPORT_DOMAIN_GAP,
+            reembed=reembed,
+            options=options,
+        ),
+        "features": None,
+    }
+    if features is not None:
+        section["features"] = features_gap(
+            dataset, features, gallery_path, faces, report_dir, options=options
+        )
+    return section
+
+
 def load_report(out_dir: str | Path) -> dict[str, Any]:
     path = OutLayout(out_dir).report_json
     if not path.is_file():
@@ -239,9 +319,14 @@ def run_report(
     thresholds: dict[str, float] | None = None,
     embed_images: bool = False,
     pose: bool = False,
+    features: OnnxImages | None = None,
+    compare: list[Path] | None = None,
+    compare_out: Path | None = None,
 ) -> str:
-    """``digi2real report``: a converted dataset's report (and a refreshed dataset card), or
-    with ``source`` the separation check of a source dataset before any GPU time."""
+    """``digi2real report``: a converted dataset's report (and a refreshed dataset card), with
+    ``source`` the separation check of a source dataset before any GPU time, or with
+    ``compare`` several runs side by side (each reported first when it has no report yet, or
+    when a gallery or features are given so every run is measured against the same)."""
     from digi2real.analysis.card import write_card
 
     thresholds = {k: v for k, v in (thresholds or {}).items() if v is not None}
@@ -257,31 +342,52 @@ def run_report(
         threshold = thresholds.get("collision_threshold", DEFAULT_COLLISION_THRESHOLD)
         result = source_report(np.asarray(data.embeddings), data.identities, threshold)
         return format_source(result, threshold)
-    if out is None:
-        raise ValueError("report needs a converted dataset OUT (or --source SRC)")
-    embedder = (
-        gallery_embedder(config)
-        if (gallery is not None and config is not None and config.weights)
-        else None
-    )
+    runs = list(compare or []) or ([] if out is None else [out])
+    if not runs:
+        raise ValueError("report needs a converted dataset OUT (or --source SRC, --compare A B)")
+    if compare is not None and len(runs) < 2:
+        raise ValueError(f"--compare needs at least two converted datasets, got {len(runs)}")
+    if features is not None and gallery is None:
+        raise ValueError("--features measures the domain gap to a gallery: pass --gallery FOLDER")
+    has_weights = config is not None and config.weights is not None
+    embedder = gallery_embedder(config) if (gallery is not None and has_weights) else None
     judge = judge_embedder(config) if config is not None else None
-    landmarks = None
-    if pose:
-        if config is None or config.weights is None:
-            raise ValueError("report --pose needs weights (--weights DIR): it runs the detector")
+    faces = None
+    if has_weights and (pose or (gallery is not None and Path(str(config.weights)).is_dir())):
         from digi2real.face.stack import FaceStack
 
-        landmarks = detector_landmarks(FaceStack.from_config(config).detector)
-    result = build_report(
-        out,
-        gallery=gallery,
-        gallery_embedder=embedder,
-        html=html,
-        embed_images=embed_images,
-        judge=judge,
-        judge_name=config.report.recognizer if config is not None and judge else None,
-        pose=landmarks,
-        **thresholds,
-    )
-    write_card(out)
-    return format_report(result, Path(out))
+        faces = FaceStack.from_config(config)  # type: ignore[arg-type]
+    if pose and faces is None:
+        raise ValueError("report --pose needs weights (--weights DIR): it runs the detector")
+    landmarks = detector_landmarks(faces.detector) if pose and faces is not None else None
+    reports = []
+    for run in runs:
+        if (
+            compare is not None
+            and OutLayout(run).report_json.is_file()
+            and not (gallery or features or judge or pose)
+        ):
+            reports.append(load_report(run))
+            continue
+        reports.append(
+            build_report(
+                run,
+                gallery=gallery,
+                gallery_embedder=embedder,
+                html=html,
+                embed_images=embed_images,
+                judge=judge,
+                judge_name=config.report.recognizer if config is not None and judge else None,
+                pose=landmarks,
+                features=features,
+                faces=faces,
+                **thresholds,
+            )
+        )
+        write_card(run)
+    if compare is None:
+        return format_report(reports[0], Path(runs[0]))
+    result = compare_runs(runs, reports)
+    dest = compare_out or OutLayout(runs[0]).report
+    written = write_compare(result, Path(dest), embed_images=embed_images)
+    return format_compare(result, written)

@@ -35,21 +35,24 @@ class Dataset:
     targets: np.ndarray
     config: dict[str, Any]
     manifest_path: Path
+    weights_profile: str | None = None  # "tiny": random weights, the images are noise
 
 
-def _read_config(out_dir: Path) -> dict[str, Any]:
+def read_run_config(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the full config, the whole config.yaml record) of a converted dataset; both empty
+    when it has no config.yaml."""
     import yaml
 
     path = OutLayout(out_dir).config
     if not path.is_file():
         logger.warning("%s not found: source renders will not be shown", path)
-        return {}
+        return {}, {}
     with path.open(encoding="utf-8") as handle:
         record = yaml.safe_load(handle) or {}
     from digi2real.config import merge_environment
 
     # the saved config keeps host paths (source root...) under its environment section
-    return merge_environment(record) if "config" in record else record
+    return (merge_environment(record) if "config" in record else record), record
 
 
 def open_dataset(out_dir: str | Path) -> Dataset:
@@ -88,6 +91,7 @@ def open_dataset(out_dir: str | Path) -> Dataset:
         if array.shape[0] != table.num_rows:
             raise ValueError(f"{path} has {array.shape[0]} rows for {table.num_rows} manifest rows")
         arrays.append(array)
+    config, record = read_run_config(out_dir)
     return Dataset(
         out_dir=out_dir,
         keys=table.column("key").to_pylist(),
@@ -97,8 +101,9 @@ def open_dataset(out_dir: str | Path) -> Dataset:
         identities=identities,
         outputs=arrays[0],
         targets=arrays[1],
-        config=_read_config(out_dir),
+        config=config,
         manifest_path=manifest_path,
+        weights_profile=(record.get("weights") or {}).get("profile"),
     )
 
 

@@ -39,6 +39,25 @@ def _distribution_table(named: dict[str, dict[str, Any]]) -> str:
     )
 
 
+def _head(title: str) -> list[str]:
+    return [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html_lib.escape(title)}</title><style>",
+        "body{font-family:sans-serif;margin:2em;max-width:1400px}",
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}",
+        "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:right}",
+        "th{background:#eee}img{max-width:100%;border:1px solid #ddd}",
+        ".notice{background:#fff3cd;border:1px solid #e0b000;padding:0.6em 1em}",
+        f"</style></head><body><h1>{html_lib.escape(title)}</h1>",
+    ]
+
+
+def _notice(report: dict[str, Any]) -> list[str]:
+    if not report.get("notice"):
+        return []
+    return [f"<p class='notice'><b>Note.</b> {html_lib.escape(report['notice'])}</p>"]
+
+
 def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool = False) -> Path:
     limit = 200
     counts = report["counts"]
@@ -50,13 +69,8 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
     )[:20]
     histogram = _image_src(report_dir / layout.REPORT_HISTOGRAM, embed_images)
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<title>digi2real dataset report</title><style>",
-        "body{font-family:sans-serif;margin:2em;max-width:1400px}",
-        "table{border-collapse:collapse;margin:0.5em 0 1.5em}",
-        "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:right}",
-        "th{background:#eee}img{max-width:100%;border:1px solid #ddd}",
-        "</style></head><body><h1>digi2real dataset report</h1>",
+        *_head("digi2real dataset report"),
+        *_notice(report),
         _table(
             ("images", "identities", "rejected", "errors", "collisions", "leaks", "near dups"),
             [
@@ -143,6 +157,7 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
             ],
         ),
     ]
+    parts += _gap_section(report, report_dir, embed_images)
     parts += _pose_section(report, report_dir, embed_images)
     parts.append("<h2>Contact sheets</h2>")
     for name in report.get("contact_sheets", []):
@@ -190,3 +205,107 @@ def _pose_section(report: dict[str, Any], report_dir: Path, embed_images: bool) 
         ),
         f"<p><img src='{src}' alt='pose'></p>",
     ]
+
+
+def _gap_rows(space: str, figures: dict[str, Any]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = [
+        (space, "real gallery", figures["gallery"]["count"], 0, 0, "", "")
+    ]
+    closed = figures.get("gap_closed") or {}
+    for role, name in (("sources", "source renders"), ("outputs", "outputs")):
+        row = figures.get(role)
+        if not row:
+            continue
+        kid = "" if row["kid"] is None else f"{row['kid']:.4g} ± {row['kid_std']:.2g}"
+        gap = ("", "") if role == "sources" else (closed.get("fd"), closed.get("kid"))
+        fd = "" if row["fd"] is None else f"{row['fd']:.4g}"
+        rows.append((space, name, row["count"], fd, kid, *gap))
+    return rows
+
+
+def _gap_section(report: dict[str, Any], report_dir: Path, embed_images: bool) -> list[str]:
+    gap = report.get("domain_gap")
+    if not gap:
+        return []
+    parts = ["<h2>Domain gap against real faces</h2>"]
+    rows, pictures, notes = [], [], []
+    for space, figures in (
+        ("recognizer", gap.get("recognizer")),
+        ("features", gap.get("features")),
+    ):
+        if not figures:
+            continue
+        label = space if space == "recognizer" else f"{figures['model']} features"
+        if figures.get("skipped"):
+            notes.append(f"{label}: {figures['skipped']}")
+            continue
+        rows += _gap_rows(label, figures)
+        pictures.append(_image_src(report_dir / figures["png"], embed_images))
+        if figures.get("missing_shards"):
+            notes.append(
+                f"{label}: {figures['missing_shards']} shard(s) of source renders had no cached "
+                "embeddings and were left out (pass --weights to embed them again)"
+            )
+    parts.append(
+        "<p>Fréchet distance (FD, Heusel et al. 2017) and KID (Bińkowski et al. 2018, mean ± "
+        "std over subsets) of each population against the gallery; lower is closer. Gap "
+        "closed = 1 - d(outputs) / d(sources). See docs/report.md for what these cannot tell."
+        "</p>"
+    )
+    parts.append(
+        _table(
+            ("space", "population", "images", "FD", "KID", "FD gap closed", "KID gap closed"), rows
+        )
+    )
+    parts += [f"<p>{html_lib.escape(note)}</p>" for note in notes]
+    parts += [f"<p><img src='{src}' alt='domain gap'></p>" for src in pictures]
+    return parts
+
+
+def write_compare_html(
+    result: dict[str, Any],
+    path: Path,
+    pictures: dict[str, list[Path]],
+    *,
+    embed_images: bool = False,
+) -> Path:
+    """``compare.html``: the runs' settings that differ, their figures, their gap pictures."""
+    names = [run["name"] for run in result["runs"]]
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else value
+
+    parts = [*_head("digi2real: runs compared")]
+    for run in result["runs"]:
+        if run["notice"]:
+            parts.append(
+                f"<p class='notice'><b>{html_lib.escape(run['name'])}.</b> "
+                f"{html_lib.escape(run['notice'])}</p>"
+            )
+    parts += [
+        "<h2>Settings that differ</h2>",
+        _table(
+            ("field", *names),
+            [(d["field"], *(cell(v) for v in d["values"])) for d in result["differences"]],
+        ),
+        "<h2>Figures</h2>",
+        _table(
+            ("figure", *names),
+            [(f["figure"], *(cell(v) for v in f["values"])) for f in result["figures"]],
+        ),
+    ]
+    if any(pictures.values()):
+        parts.append("<h2>Domain gap</h2><table><tr>")
+        for name in names:
+            images = "".join(
+                f"<img src='{_image_src(p, True) if embed_images else html_lib.escape(p.as_posix())}'"
+                " alt='domain gap'>"
+                for p in pictures.get(name, [])
+            )
+            parts.append(f"<td><b>{html_lib.escape(name)}</b><br>{images}</td>")
+        parts.append("</tr></table>")
+    parts.append("</body></html>\n")
+    fsio.atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    return path

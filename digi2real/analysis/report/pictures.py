@@ -1,4 +1,4 @@
-"""The report's pictures: the similarity histogram and the contact sheets.
+"""The report's pictures: the similarity histogram, the domain gap and the contact sheets.
 
 Each picture is rendered into memory and written with :mod:`digi2real.data.fsio`, so a
 reader of ``OUT/report/`` never sees half a PNG.
@@ -22,7 +22,10 @@ from digi2real.data import fsio, layout
 from digi2real.data.manifest import read_table
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from PIL import Image
+
+    from digi2real.analysis.domain_gap import Population
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +58,69 @@ def plot_histogram(figures: Figures, path: Path, *, collision_threshold: float) 
     axes.set_ylabel("density")
     axes.set_title("Identity consistency vs separation")
     axes.legend(fontsize=8, loc="upper left")
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """A matplotlib figure as a PNG (no software tag: the bytes depend on the data only)."""
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     fsio.atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+# Points drawn per population at most: every k-th row of its uniform sample (in stream order).
+GAP_POINTS = 2000
+
+
+def plot_domain_gap(
+    gallery: Population, sources: Population | None, outputs: Population, path: Path, *, space: str
+) -> Path:
+    """The three clouds on the gallery's first two principal axes, their means marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from digi2real.analysis.domain_gap import principal_axes, project
+
+    axes_2d = principal_axes(gallery.moments)
+    figure = Figure(figsize=(6.5, 6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    clouds = (
+        ("real gallery", gallery, "tab:green"),
+        ("source renders", sources, "tab:red"),
+        ("outputs", outputs, "tab:blue"),
+    )
+    for name, population, color in clouds:
+        if population is None:
+            continue
+        step = -(-len(population.sample) // GAP_POINTS)
+        points = project(population.sample[::step], gallery.moments, axes_2d)
+        few = len(points) <= 500
+        axes.scatter(
+            points[:, 0],
+            points[:, 1],
+            s=14 if few else 4,
+            alpha=0.6 if few else 0.3,
+            color=color,
+            linewidths=0,
+        )
+        centre = project(population.moments.mean[None], gallery.moments, axes_2d)[0]
+        axes.scatter(
+            [centre[0]],
+            [centre[1]],
+            s=120,
+            marker="X",
+            color=color,
+            edgecolors="black",
+            label=f"{name} (n={population.count}, mean marked)",
+        )
+    axes.set_xlabel("gallery principal axis 1")
+    axes.set_ylabel("gallery principal axis 2")
+    axes.set_title(f"Domain gap in the {space} space", fontsize=10)
+    axes.legend(fontsize=8, loc="best")
+    return save_figure(figure, path)
 
 
 TILE = 112

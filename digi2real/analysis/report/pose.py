@@ -9,7 +9,6 @@ image it came from (the estimate ignores in-plane rotation, scale and shift).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from digi2real.analysis.report.dataset import Dataset, source_root
 from digi2real.analysis.report.figures import distribution
-from digi2real.data import fsio, layout
+from digi2real.data import layout
 from digi2real.data.images import ImageError, load_image
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import read_table
@@ -148,7 +147,6 @@ def plot_pose(samples: dict[str, np.ndarray], path: Path) -> Path:
     histogram.set_ylabel("images")
     histogram.legend(fontsize=8)
     figure.suptitle("Pose from five landmarks: renders vs outputs")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return fsio.atomic_write_bytes(path, buffer.getvalue())
+    from digi2real.analysis.report.pictures import save_figure
+
+    return save_figure(figure, path)

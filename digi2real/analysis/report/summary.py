@@ -32,5 +32,28 @@ def format_report(result: dict[str, Any], out: Path) -> str:
     lines += [f"  {c['a']} ~ {c['b']}: {c['score']}" for c in separation["collisions"][:10]]
     if leakage is not None:
         lines.append(f"leaks against the gallery: {len(leakage['leaks'])}")
+    for space, figures in (result.get("domain_gap") or {}).items():
+        if figures:
+            lines.append(_gap_line(space, figures))
+    if result.get("notice"):
+        lines.append(f"NOTE: {result['notice']}")
     lines.append(f"report: {OutLayout(out).report}")
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _gap_line(space: str, figures: dict[str, Any]) -> str:
+    """One line per space: FD and KID of the sources and the outputs, the share closed."""
+    if figures.get("skipped"):
+        return f"domain gap ({space}): skipped: {figures['skipped']}"
+    sources, outputs = figures.get("sources") or {}, figures["outputs"]
+    closed = (figures.get("gap_closed") or {}).get("fd")
+    return (
+        f"domain gap ({space}, vs {figures['gallery']['count']} real faces): "
+        f"FD sources {_number(sources.get('fd'))} -> outputs {_number(outputs['fd'])}"
+        f" (closed {_number(closed)}), KID sources {_number(sources.get('kid'))} -> "
+        f"outputs {_number(outputs['kid'])} ± {_number(outputs['kid_std'])}"
+    )
