@@ -20,9 +20,7 @@ conversion must stay within fp16's reach: mean <= 2 grey levels, max <= 24, cosi
 
 from __future__ import annotations
 
-import contextlib
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +89,6 @@ def environment(out: Path) -> dict[str, Any]:
     import yaml
 
     return yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["environment"]
-
-
-@contextlib.contextmanager
-def tf32_off() -> Iterator[None]:
-    """Full fp32 on CUDA, for comparisons with the CPU at rounding level."""
-    import torch
-
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -290,6 +275,8 @@ def test_decode_reads_back_uint8_through_a_pinned_buffer(generators, monkeypatch
     latents = torch.randn(
         4, cuda.latent_channels, size, size, generator=torch.Generator().manual_seed(3)
     )
+    from digi2real.bench.checks import tf32_off  # full fp32 on CUDA: CPU-level rounding
+
     with tf32_off(), torch.no_grad():
         monkeypatch.setattr(torch, "empty", spy)
         got = cuda.decode(latents.to("cuda"))
