@@ -301,12 +301,21 @@ class Digi2Real:
         out: str | Path,
         *,
         overwrite: bool = False,
+        delete_foreign: bool = False,
         progress: bool = True,
         **overrides: Any,
     ) -> Any:
         """Convert a dataset (``src``: one folder per identity) into ``out``; ``overrides`` are
-        dotted config fields."""
+        dotted config fields. ``overwrite`` deletes what digi2real wrote in ``out`` first
+        (files it did not write make it refuse, unless ``delete_foreign``)."""
         from digi2real.runner.convert import convert
 
         cfg = self.config.override({"source.root": str(src), **overrides})
-        return convert(cfg, out, overwrite=overwrite, progress=progress, engine=self.engine)
+        return convert(
+            cfg,
+            out,
+            overwrite=overwrite,
+            delete_foreign=delete_foreign,
+            progress=progress,
+            engine=self.engine,
+        )

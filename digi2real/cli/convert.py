@@ -51,7 +51,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 0
     start = time.perf_counter()
     try:
-        summary = convert(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        summary = convert(
+            config,
+            args.out,
+            overwrite=args.overwrite,
+            delete_foreign=args.delete_foreign_files,
+            progress=not args.quiet,
+        )
     except KeyboardInterrupt:
         committed, total = committed_shards(args.out)
         print(
@@ -115,7 +121,17 @@ def register(sub: Any) -> None:
         "(default: SLURM_PROCID, else RANK, else 0)",
     )
     p.add_argument("--source-license", help="licence of the source dataset (dataset card)")
-    p.add_argument("--overwrite", action="store_true", help="delete OUT and start over")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete what digi2real wrote in OUT and start over (refused while OUT holds "
+        "files digi2real did not write)",
+    )
+    p.add_argument(
+        "--delete-foreign-files",
+        action="store_true",
+        help="with --overwrite: also delete the files in OUT that digi2real did not write",
+    )
     p.add_argument("--dry-run", action="store_true", help="plan and preflight only")
     p.add_argument(
         "--bench",

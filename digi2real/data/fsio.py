@@ -144,6 +144,21 @@ def remove(path: str | os.PathLike[str] | ObjectPath) -> None:
             path.unlink(missing_ok=True)
 
 
+def remove_files(root: str | os.PathLike[str] | ObjectPath, relatives: list[str]) -> None:
+    """Delete the files at ``relatives`` (POSIX, below ``root``) that exist; on a store in
+    batched DELETE requests, not one per object."""
+    root = _as_location(root)
+    if isinstance(root, ObjectPath):
+        keys = [(root / relative).key for relative in relatives]
+        with _translated(root):
+            for start in range(0, len(keys), 1000):  # S3's DeleteObjects takes 1000 keys
+                with suppress(FileNotFoundError):
+                    root.fs.rm(keys[start : start + 1000])
+        return
+    for relative in relatives:
+        remove(root / relative)
+
+
 def remove_tree(path: str | os.PathLike[str] | ObjectPath) -> None:
     """Delete a folder (every object under a prefix) and what it holds, if it exists."""
     path = _as_location(path)
@@ -176,18 +191,15 @@ def remove_stale_temps(
     directory: str | os.PathLike[str] | ObjectPath,
     *,
     recursive: bool = False,
-    skip: tuple[str, ...] = (),
 ) -> int:
-    """Delete uncommitted temp files in ``directory`` (and below it when ``recursive``, except
-    in its top-level folders named in ``skip``); only safe when nothing else writes there (a
-    shard's folder at the start of its attempt, OUT during finalisation)."""
+    """Delete uncommitted temp files in ``directory`` (and below it when ``recursive``); only
+    safe when nothing else writes there (a shard's folder at the start of its attempt, OUT's
+    own folders during finalisation)."""
     if isinstance(directory, ObjectPath):
         return 0  # objects are PUT under their final names: no temporary ones exist
     directory = Path(directory)
     removed = 0
     for dirpath, dirnames, filenames in os.walk(directory):
-        if Path(dirpath) == directory:
-            dirnames[:] = [d for d in dirnames if d not in skip]
         if not recursive:
             dirnames[:] = []
         for name in filenames:

@@ -23,10 +23,16 @@
         attempts/<run token>/NNNNNN.<k>    Ray: a shard's k-th attempt (removed after the run)
 
 A pruned copy (``digi2real prune``) adds ``prune.json`` (or holds only ``kept_keys.txt``).
+
+These names are also what digi2real owns in an OUT (:func:`is_owned_name`; images only in a
+planned identity's folder): :mod:`digi2real.data.ownership` deletes nothing else.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +79,49 @@ SHARD_PARTS = (ERRORS, REJECTED, OUTPUTS, TARGETS, MANIFEST)
 
 
 CONTACT_SHEET_GLOB = "contact_*.png"
+
+# -- what digi2real writes, by name: the ownership rule (data/ownership.py applies it) -------
+# OUT's top-level files; the whole run-state folder; the report's files
+OWNED_FILES = frozenset(
+    {MANIFEST, REJECTED, ERRORS, LABELS, CONFIG, CARD, HUB_CARD, KEPT_KEYS, PRUNE_JSON}
+)
+OWNED_FOLDERS = frozenset({IMAGES, ORIGINALS, WEBDATASET, RECORDIO, REPORT, STATE})
+_REPORT_FILE = re.compile(
+    r"^(?:report\.json|similarity_hist\.png|pose\.png|index\.html|judge_outputs\.npy"
+    r"|domain_gap\.png|domain_gap_features\.png|features_(?:gallery|sources|outputs)\.npz"
+    r"|compare\.json|compare\.html|contact_\d{3,}\.png)$"
+)
+_IMAGE_FILE = re.compile(r"^\d{4,}\.jpg$")
+_WEBDATASET_FILE = re.compile(r"^shard-\d{6}\.tar$")
+_RECORDIO_FILES = frozenset({RECORDIO_DATA, RECORDIO_INDEX, RECORDIO_PROPERTY})
+
+
+def is_owned_name(relative: str, identities: Container[str]) -> bool:
+    """Whether the file at ``relative`` (POSIX, relative to OUT) is one digi2real writes in
+    an OUT whose plan holds ``identities`` (NFC names). Images count only in a planned
+    identity's folder, so a user's file beside them is never taken for one."""
+    parts = relative.split("/")
+    top, name = parts[0], parts[-1]
+    if len(parts) == 1:
+        return top in OWNED_FILES
+    if top == STATE:
+        return True
+    if top in (IMAGES, ORIGINALS):
+        identity = unicodedata.normalize("NFC", parts[1])
+        return len(parts) == 3 and identity in identities and bool(_IMAGE_FILE.match(name))
+    if len(parts) != 2:
+        return False
+    if top == WEBDATASET:
+        return bool(_WEBDATASET_FILE.match(name))
+    if top == RECORDIO:
+        return name in _RECORDIO_FILES
+    if top == REPORT:
+        return bool(_REPORT_FILE.match(name))
+    return False
+
+
+def is_contact_sheet(name: str) -> bool:
+    return name.startswith("contact_") and bool(_REPORT_FILE.match(name))
 
 
 def contact_sheet_name(number: int) -> str:

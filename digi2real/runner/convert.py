@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from digi2real.config import Config
-from digi2real.data import fsio
+from digi2real.data import fsio, ownership
 from digi2real.data.layout import OutLayout
 from digi2real.data.node_cache import local_file
 from digi2real.data.store import ObjectPath, check_readable, location
@@ -26,7 +26,7 @@ from digi2real.runner.outcome import RunOutcome
 from digi2real.runner.plan import Plan, make_plan, prepare_out
 from digi2real.runner.shard import ShardResult
 from digi2real.weights import open_weights, sha256_file, verify
-from digi2real.weights.manifest import groups_for
+from digi2real.weights.manifest import groups_for, lora_groups
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,28 @@ class RankSummary:
         ]
 
 
+def run_inputs(config: Config) -> dict[str, Path | ObjectPath]:
+    """What a conversion reads besides SRC, by the name a user knows it by: none of it may lie
+    inside OUT (:func:`~digi2real.data.ownership.check_apart`)."""
+    inputs: dict[str, Path | ObjectPath] = {}
+    if config.weights:
+        inputs["--weights"] = location(config.weights)
+    for name in ("real_stats", "synthetic_stats"):
+        path = getattr(config.shift, name)
+        if path:
+            inputs[f"shift.{name}"] = location(path)
+    lora = config.generation.lora
+    if lora is not None and lora not in lora_groups():
+        inputs["generation.lora"] = location(lora)
+    return inputs
+
+
+def check_apart(config: Config, out: Path | ObjectPath) -> None:
+    """OUT neither is, holds nor lies inside SRC, and holds no other input of the run."""
+    source = location(config.source.root) if config.source.root else None
+    ownership.check_apart(out, source, run_inputs(config))
+
+
 def check_storage(config: Config, out: Path | ObjectPath) -> None:
     """Object-store locations, before any work: SRC and the statistics readable, OUT
     writable (one-line StorageAccessError: unreachable, no bucket, denied, expired)."""
@@ -143,6 +165,7 @@ def preflight(config: Config, out: Path, *, bench_file: str | Path | None = None
     reported unknown (runner/cost.py)."""
     import onnxruntime
 
+    check_apart(config, location(out))
     plan = make_plan(config)
     targets = plan.num_identities * config.interpolation.outputs_per_identity
     weights_check = verify(config.weights) if config.weights else None
@@ -195,15 +218,21 @@ def convert(
     out: str | Path | ObjectPath,
     *,
     overwrite: bool = False,
+    delete_foreign: bool = False,
     progress: bool = True,
     engine: Any = None,
 ) -> Summary | RankSummary:
-    """``engine``: a loaded Engine to reuse for an in-process run (the Python API passes its
+    """``overwrite`` deletes what digi2real wrote in ``out`` and starts over; files it did not
+    write make it refuse, unless ``delete_foreign`` (:mod:`~digi2real.data.ownership`).
+    ``engine``: a loaded Engine to reuse for an in-process run (the Python API passes its
     own); used only when it was built from the same model-side settings as ``config``. On N
     nodes (:mod:`~digi2real.runner.nodes`), a rank that leaves shards of other ranks
     uncommitted returns a :class:`RankSummary` instead of the dataset's :class:`Summary`."""
     out = location(out)
     config.validate()
+    check_apart(config, out)
+    if delete_foreign and not overwrite:
+        raise ValueError("--delete-foreign-files only goes with --overwrite")
     split = node_split(config)
     if split.multi and overwrite:
         raise ValueError(
@@ -222,7 +251,9 @@ def convert(
         from digi2real.runner.ray import import_ray
 
         import_ray()  # before planning OUT: a missing Ray should leave nothing behind
-    plan: Plan = prepare_out(out, config, derived_fields(config), overwrite=overwrite)
+    plan: Plan = prepare_out(
+        out, config, derived_fields(config), overwrite=overwrite, delete_foreign=delete_foreign
+    )
     paths = OutLayout(out)
     committed = paths.committed()
     todo = [s for s in range(len(plan.shards)) if s not in committed and split.owns(s)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import yaml
 
 from digi2real.analysis.card import write_card
 from digi2real.config import Config, split_environment
-from digi2real.data import fsio, layout
+from digi2real.data import fsio, layout, ownership
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import (
     ERROR_SCHEMA,
@@ -141,8 +142,11 @@ def _finalize(
 ) -> Summary:
     paths = OutLayout(out)
     faults.point("finalize-start")
-    # finalisation runs alone; images/ is cleaned by _remove_orphans, run state needs none
-    fsio.remove_stale_temps(out, recursive=True, skip=(layout.STATE, layout.IMAGES))
+    # finalisation runs alone; images/ and originals/ are cleaned by _remove_orphans, run
+    # state needs none, and a folder of the user's is not looked into
+    fsio.remove_stale_temps(out)
+    for folder in (layout.WEBDATASET, layout.RECORDIO, layout.REPORT):
+        fsio.remove_stale_temps(out / folder)
     # a killed Ray driver's attempt markers, whatever runner resumed its output
     fsio.remove_tree(paths.state / layout.ATTEMPTS)
     manifests, rejected, errors, outputs, targets = [], [], [error_table(plan.errors)], [], []
@@ -165,7 +169,7 @@ def _finalize(
     write_labels(paths.labels, labels)
     faults.point("finalize-parts")
 
-    _remove_orphans(out, set(manifest.column("path").to_pylist()))
+    _remove_orphans(out, set(manifest.column("path").to_pylist()), plan)
     assemble_formats(out, config.output.formats, manifest)
     faults.point("finalize-formats")
 
@@ -208,12 +212,29 @@ def _finalize(
     return summary
 
 
-def _remove_orphans(out: Path | ObjectPath, paths: set[str]) -> None:
+def _remove_orphans(out: Path | ObjectPath, paths: set[str], plan: Plan) -> None:
     """Images left by an interrupted attempt whose shard was redone differently (a batch-size
-    change can move a borderline similarity across the threshold) have no manifest row."""
+    change can move a borderline similarity across the threshold) have no manifest row. Only
+    digi2real's own names are candidates (:mod:`~digi2real.data.ownership`): a file a user put
+    there stays, and is named."""
+    identities = frozenset(
+        unicodedata.normalize("NFC", identity.name) for _, identity in plan.iter_identities()
+    )
+    foreign = []
     for folder in (layout.IMAGES, layout.ORIGINALS):
         for rel, path in files_under(out / folder):
+            relative = f"{folder}/{rel}"
+            if path.is_symlink() or not ownership.is_owned(relative, identities):
+                foreign.append(relative)
             # originals/ mirrors images/: an original's row is its crop's row
-            if f"{layout.IMAGES}/{rel}" not in paths:
-                logger.info("removing orphan image %s/%s", folder, rel)
+            elif f"{layout.IMAGES}/{rel}" not in paths:
+                logger.info("removing orphan image %s", relative)
                 fsio.remove(path)
+    if foreign:
+        logger.warning(
+            "%d file(s) in %s that digi2real did not write were left alone: %s%s",
+            len(foreign),
+            out,
+            ", ".join(foreign[: ownership.SHOWN]),
+            " ..." if len(foreign) > ownership.SHOWN else "",
+        )

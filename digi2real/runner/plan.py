@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from digi2real.config import Config, flatten, output_differences
-from digi2real.data import fsio, layout
+from digi2real.data import fsio, ownership
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import error_table, read_table, write_parquet
 from digi2real.data.readers import ErrorRow, IdentitySelection, IdentitySource, scan_dataset
@@ -83,20 +83,23 @@ def run_record(config: Config, derived: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_out(
-    out: Path | ObjectPath, config: Config, derived: dict[str, Any], *, overwrite: bool
+    out: Path | ObjectPath,
+    config: Config,
+    derived: dict[str, Any],
+    *,
+    overwrite: bool,
+    delete_foreign: bool = False,
 ) -> Plan:
     """Create or reopen ``out``. A new run plans and persists; an existing one must have an
     output-compatible config and reuses its persisted plan. Several ranks may do this at once
-    on one ``out``: each plans the same bytes, and ``run.json`` is written last."""
+    on one ``out``: each plans the same bytes, and ``run.json`` is written last.
+    ``overwrite`` deletes what digi2real wrote in ``out`` first (:func:`ownership.clear`:
+    refused while files it did not write are there, unless ``delete_foreign``)."""
     out = location(out)
     paths = OutLayout(out)
     record = run_record(config, derived)
     if overwrite and out.exists():
-        if not paths.run_json.is_file() and _has_foreign_files(out):
-            raise ValueError(
-                f"refusing to --overwrite {out}: it is not empty and is not a digi2real output"
-            )
-        fsio.remove_tree(out)
+        ownership.clear(out, delete_foreign=delete_foreign)
     if paths.run_json.is_file():
         old = json.loads(paths.run_json.read_text(encoding="utf-8"))
         diffs = output_differences(old["config"], record["config"])
@@ -112,8 +115,11 @@ def prepare_out(
                 + "\nuse another OUT, or --overwrite to start over"
             )
         return load_plan(out, config)
-    if out.exists() and _has_foreign_files(out):
-        raise ValueError(f"{out} exists and is not a digi2real output; choose an empty or new dir")
+    if out.exists() and (foreign := ownership.foreign_files(out)):
+        raise ValueError(
+            f"{out} exists and is not a digi2real output (it holds {', '.join(foreign[:3])}"
+            f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new dir"
+        )
     plan = make_plan(config)
     write_parquet(paths.plan, plan_table(plan))
     write_parquet(paths.plan_errors, error_table(plan.errors))
@@ -122,15 +128,6 @@ def prepare_out(
         paths.run_json, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     )
     return plan
-
-
-def _has_foreign_files(out: Path | ObjectPath) -> bool:
-    # a state folder without run.json is a planning run that was killed (or another rank's
-    # planning, under way): plan again over it
-    try:
-        return any(entry.name != layout.STATE for entry in out.iterdir())
-    except FileNotFoundError:  # on a store, a prefix whose last object just went
-        return False
 
 
 def load_plan(out: Path | ObjectPath, config: Config) -> Plan:

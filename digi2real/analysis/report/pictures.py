@@ -262,6 +262,6 @@ def contact_sheets(
         )
     # A re-run with fewer sheets must not leave stale ones the HTML no longer lists.
     for stale in report_dir.glob(layout.CONTACT_SHEET_GLOB):
-        if stale not in written:
+        if stale not in written and layout.is_contact_sheet(stale.name):
             fsio.remove(stale)
     return written
