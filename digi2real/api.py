@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from digi2real.config import Config, flatten
+from digi2real.data.attributes import ESTIMATE_SUFFIX, Balance, bin_index, check_options
 from digi2real.data.embeddings import check_embeddings, l2_normalize, load_embeddings
+from digi2real.data.expression import parse_expression
 from digi2real.data.images import load_image
 from digi2real.data.readers import IMAGE_EXTENSIONS, image_files
 from digi2real.data.store import location
@@ -229,13 +231,25 @@ class Digi2Real:
         seed: int = 0,
         identity: str = "augment",
         init_strength: float | None = None,
+        where: str | None = None,
+        balance: str | None = None,
+        attributes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> AugmentResult:
         """New realistic images of ONE identity from its images (a folder, paths, arrays) or
         its ArcFace embeddings ((N, d) array or .npy), with the conversion's interpolation,
         seeds and identity filter. ``init_strength`` (default: the config's) > 0 starts each
-        target from the given image it is closest to (render-guided transfer; images only)."""
+        target from the given image it is closest to (render-guided transfer; images only).
+
+        ``where`` keeps the images whose attributes satisfy it and ``balance`` (``COLUMN[:BINS]``
+        or ``COLUMN:E0,E1,...``; bins over these images' values) spreads the outputs over
+        bins, as in ``convert``. The attributes are the images' estimates (``yaw_est``...) and
+        ``attributes``: ground truth per image, keyed by its path as given (arrays:
+        ``image[i]``). Each output's metadata carries its dominant image's attributes."""
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        check_options(
+            self.config.override({"attributes.where": where, "attributes.balance": balance})
+        )
         values: dict[str, Any] = {
             "interpolation.outputs_per_identity": num_images,
             "run.seed": seed,
@@ -250,6 +264,13 @@ class Digi2Real:
         embeddings, labels = self.source_embeddings(images_or_embeddings)
         sources = dict(images or [])
         resolution = self.engine.generator.resolution
+        values: dict[str, dict[str, Any]] = {}
+        bins = None
+        if where or balance or attributes:
+            if images is None:
+                raise ValueError("where, balance and attributes read images: pass images")
+            values = self._attribute_values(labels, sources, attributes or {})
+            embeddings, labels, bins = _choose(embeddings, labels, values, where, balance)
 
         def init_image(item: Pending) -> np.ndarray:
             image = sources[item.init_path]
@@ -259,7 +280,7 @@ class Digi2Real:
                 raise ValueError(f"{item.init_path}: no face to start from")
             return aligned
 
-        targets = plan_identity(identity, embeddings, cfg.interpolation, seed)
+        targets = plan_identity(identity, embeddings, cfg.interpolation, seed, bins)
         pending = [Pending(identity, t, [labels[i] for i in t.sources]) for t in targets]
         with torch_threads(cfg.run.torch_threads):
             accepted, rejected, _ = generate_with_retries(
@@ -283,6 +304,11 @@ class Digi2Real:
                     **settings,
                     "init_strength": cfg.generation.init_strength,
                     "init_path": (a.item.init_path if cfg.generation.init_strength > 0 else None),
+                    **(
+                        {"attributes_from": a.item.init_path, **values[a.item.init_path]}
+                        if values
+                        else {}
+                    ),
                 },
             )
             for a in accepted
@@ -292,6 +318,27 @@ class Digi2Real:
             for p in rejected
         ]
         return AugmentResult(images, rejected_rows, embeddings)
+
+    def _attribute_values(
+        self,
+        labels: list[str],
+        sources: dict[str, Any],
+        given: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, dict[str, Any]]:
+        """Per usable image: its estimates (``*_est``) and the attributes given for it."""
+        from digi2real.face.estimates import estimate_attributes
+
+        values = {}
+        for label in labels:
+            image = sources[label]
+            image = load_image(image) if isinstance(image, str | Path) else np.asarray(image)
+            row = dict(estimate_attributes(image, self.engine.detector))
+            for name, value in (given.get(label) or {}).items():
+                if name.endswith(ESTIMATE_SUFFIX) or not str(name).isidentifier():
+                    raise ValueError(f"attributes: {name!r} is not a usable attribute name")
+                row[name] = value
+            values[label] = row
+        return values
 
     # -- convert -----------------------------------------------------------------------------
 
@@ -303,14 +350,26 @@ class Digi2Real:
         overwrite: bool = False,
         delete_foreign: bool = False,
         progress: bool = True,
+        where: str | None = None,
+        balance: str | None = None,
+        attributes: str | Path | None = None,
+        layout: str | None = None,
         **overrides: Any,
     ) -> Any:
-        """Convert a dataset (``src``: one folder per identity) into ``out``; ``overrides`` are
-        dotted config fields. ``overwrite`` deletes what digi2real wrote in ``out`` first
-        (files it did not write make it refuse, unless ``delete_foreign``)."""
+        """Convert a dataset (``src``: one folder per identity, or a FaceSynthetics or
+        SynthFace folder) into ``out``; ``overrides`` are dotted config fields. ``overwrite``
+        deletes what digi2real wrote in ``out`` first (files it did not write make it refuse,
+        unless ``delete_foreign``). ``where``, ``balance``, ``attributes`` (a table) and
+        ``layout`` are ``--where``, ``--balance``, ``--attributes`` and ``--layout``."""
         from digi2real.runner.convert import convert
 
-        cfg = self.config.override({"source.root": str(src), **overrides})
+        options = {
+            "attributes.where": where,
+            "attributes.balance": balance,
+            "source.attributes": None if attributes is None else str(attributes),
+            "source.layout": layout,
+        }
+        cfg = self.config.override({"source.root": str(src), **options, **overrides})
         return convert(
             cfg,
             out,
@@ -319,3 +378,37 @@ class Digi2Real:
             progress=progress,
             engine=self.engine,
         )
+
+
+def _choose(
+    embeddings: np.ndarray,
+    labels: list[str],
+    values: dict[str, dict[str, Any]],
+    where: str | None,
+    balance: str | None,
+) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """The images ``where`` keeps, and their ``balance`` bins (None without one)."""
+    names = sorted({name for row in values.values() for name in row})
+
+    def column(name: str, rows: list[str]) -> np.ndarray:
+        cells = [values[label].get(name) for label in rows]
+        if all(c is None or isinstance(c, int | float) and not isinstance(c, bool) for c in cells):
+            return np.array([np.nan if c is None else float(c) for c in cells], np.float64)
+        return np.array(cells, dtype=object)
+
+    if where:
+        expression = parse_expression(where, known=names)
+        keep = expression.evaluate({n: column(n, labels) for n in expression.names}, len(labels))
+        if not keep.any():
+            raise ValueError(f"no image satisfies where={where!r}")
+        embeddings = embeddings[keep]
+        labels = [label for label, kept in zip(labels, keep.tolist(), strict=True) if kept]
+    if not balance:
+        return embeddings, labels, None
+    spec = Balance.parse(balance)
+    if spec.column not in names:
+        raise ValueError(f"balance: unknown attribute {spec.column!r}; known: {', '.join(names)}")
+    numbers = column(spec.column, labels)
+    if numbers.dtype != np.float64:
+        raise ValueError(f"balance: attribute {spec.column!r} is not a number")
+    return embeddings, labels, bin_index(numbers, spec.resolve(numbers))

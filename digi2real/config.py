@@ -37,6 +37,15 @@ FEW_STEP_MAX_GUIDANCE = 2.0
 DECODERS = ("vae", "tiny")
 DTYPES = ("float32", "float16", "bfloat16")
 COLORS = ("RGB", "BGR")
+# a source tree: one folder per identity (DigiFace-1M, any ImageFolder), or a flat labelled
+# set (data/labelled.py); auto decides from the file names
+SOURCE_LAYOUTS = ("auto", "folders", "facesynthetics", "synthface")
+# the frame the outputs' images and geometric labels are in: the aligned recognition crop, or
+# the generation frame (the model's resolution, e.g. 512)
+FRAMES = ("crop", "generation")
+# landmarks and masks: carried where the source has them and geometry is kept (auto), always
+# (carry: refused where they cannot be), or never (off)
+GEOMETRY = ("auto", "carry", "off")
 
 # Strict scalars: an int is a number, but a string, a bool or a NaN is not.
 Int = Annotated[int, Strict()]
@@ -55,6 +64,21 @@ class SourceConfig(Section):
     identities: Text = "all"  # all | first:N | START:STOP | a,b,c | @file.txt
     min_images: Positive = 1
     license: Text | None = None  # licence of the source dataset, for the dataset card
+    layout: Literal[SOURCE_LAYOUTS] = "auto"
+    # a table of per-image attributes (CSV, Parquet or JSON Lines keyed by ``path`` relative
+    # to the source root) for a source whose layout carries none
+    attributes: Text | None = None
+
+
+class AttributesConfig(Section):
+    # keep the source images whose attributes satisfy this condition (data/expression.py)
+    where: Text | None = None
+    # COLUMN[:BINS] or COLUMN:E0,E1,...: spread each identity's outputs over the bins
+    balance: Text | None = None
+    # estimate yaw, pitch, roll, face size, sharpness and brightness of every source image
+    # (also done for any *_est column --where or --balance names)
+    estimate: Flag = False
+    geometry: Literal[GEOMETRY] = "auto"
 
 
 class InterpolationConfig(Section):
@@ -137,6 +161,7 @@ class OutputConfig(Section):
     # also keep the generated image at the model's resolution (512x512 with real weights) as
     # originals/<identity>/<k>.jpg beside the aligned 112x112 training crop
     keep_original: Flag = False
+    frame: Literal[FRAMES] = "crop"
 
 
 class ReportConfig(Section):
@@ -232,6 +257,7 @@ class Config(Section):
     weights: Text | None = None
     preset: Text = "default"
     source: SourceConfig = Field(default_factory=SourceConfig)
+    attributes: AttributesConfig = Field(default_factory=AttributesConfig)
     interpolation: InterpolationConfig = Field(default_factory=InterpolationConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
@@ -327,6 +353,9 @@ class Config(Section):
         problems = self._generation_problems()
         if problems:
             raise ConfigError(problems)
+        problems = self._attribute_problems()
+        if problems:
+            raise ConfigError(problems)
         if self.shift.enabled:
             missing = [
                 name
@@ -352,6 +381,16 @@ class Config(Section):
                 ]
             )
         return self
+
+    def _attribute_problems(self) -> list[str]:
+        """Geometric labels need the render's geometry kept."""
+        if self.attributes.geometry == "carry" and self.generation.init_strength <= 0:
+            return [
+                "attributes.geometry = 'carry' needs generation.init_strength > 0: from noise "
+                "(strength 0) the output keeps no geometry of its render, so landmarks and "
+                "masks carried onto it would be false; set --init-strength (e.g. 0.6)"
+            ]
+        return []
 
     def _generation_problems(self) -> list[str]:
         """Sampler, steps, guidance and LoRA must fit together."""
@@ -425,6 +464,7 @@ FREE_FIELDS = frozenset(PLACEMENT_FIELDS) | {
     "preset",
     "source.root",
     "source.license",
+    "source.attributes",  # read once into the persisted plan: a resume never reads it again
     "shift.real_stats",
     "shift.synthetic_stats",
     "shift.required",
@@ -446,6 +486,7 @@ HOST_PATH_FIELDS = (
     "shift.real_stats",
     "shift.synthetic_stats",
     "report.recognizer",
+    "source.attributes",
 )
 
 

@@ -204,8 +204,10 @@ def render_dataset_card(
     weights_manifest: dict[str, Any],
     source_license: str | None,
     lora: dict[str, Any] | None = None,
+    attributes: dict[str, Any] | None = None,
 ) -> str:
-    """``lora``: config.yaml's record of the LoRA fused into the UNet (None: none)."""
+    """``lora``: config.yaml's record of the LoRA fused into the UNet (None: none);
+    ``attributes``: its record of the attributes the images carry (None: none)."""
     license_rows = _license_rows(weights_manifest)
     source = source_license_entry(config, source_license)
     restricted = restrictions(config, weights_manifest, source_license)
@@ -237,6 +239,7 @@ def render_dataset_card(
             "",
         ]
     lines += _generation(config, lora)
+    lines += _attributes(attributes)
     lines += ["## Counts", "", "| count | value |", "|---|---|"]
     lines += [f"| {key} | {_fmt(counts[key])} |" for key in sorted(counts)]
     lines.append("")
@@ -286,11 +289,59 @@ SIZE_CATEGORIES = (
 )
 
 
+def _attributes(attributes: dict[str, Any] | None) -> list[str]:
+    """The card's account of the attributes every image carries."""
+    if not attributes:
+        return []
+    columns = attributes.get("columns") or []
+    lines = [
+        "## Attributes",
+        "",
+        f"Every image carries the attributes of the render it was made from (source labels: "
+        f"{_cell(attributes.get('origin'))}), in `{layout.MANIFEST}`, in "
+        f"`{layout.IMAGES}/{layout.IMAGES_METADATA}` (what `datasets` loads) and in "
+        f"`{layout.ANNOTATIONS}/<identity>/<k>.json`. Names ending in `_est` are digi2real's "
+        "estimates; the others are the source's ground truth.",
+        "",
+        "Columns: " + ", ".join(_code(name) for name in columns),
+        "",
+    ]
+    if attributes.get("geometry"):
+        lines += [
+            "Landmarks and masks were carried through the recorded transforms (render -> "
+            f"generation frame -> output, `label_matrix`); masks are "
+            f"`{layout.ANNOTATIONS}/<identity>/<k>{layout.SIDECAR_MASK}`, 255 outside the render. "
+            "`landmark_nme` measures how well the generated face still sits on them.",
+            "",
+        ]
+    for key in ("where", "balance"):
+        if attributes.get(key):
+            lines += [f"Chosen with {_code(f'--{key} {attributes[key]}')}.", ""]
+    return lines
+
+
+def _cell(value: Any) -> str:
+    """User text inside the card's Markdown prose: no markup, no HTML."""
+    import html
+
+    return html.escape(" ".join(str(value).split())).replace("`", "'").replace("|", "\\|")
+
+
+def _code(value: Any) -> str:
+    """User text as a Markdown code span (nothing inside one is markup or HTML)."""
+    return "`" + " ".join(str(value).split()).replace("`", "'") + "`"
+
+
 def hub_metadata(
-    *, config: dict[str, Any], counts: dict[str, Any], restricted: bool
+    *,
+    config: dict[str, Any],
+    counts: dict[str, Any],
+    restricted: bool,
+    attributes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The YAML block of a Hugging Face Hub dataset card: licence, task, size, and the data
-    files (the ImageFolder root, whose folder names are the identity labels)."""
+    files (the ImageFolder root, whose folder names are the identity labels; with attributes,
+    its typed metadata file too)."""
     images = int(counts.get("images") or 0)
     size = next((name for bound, name in SIZE_CATEGORIES if images < bound), "n>100M")
     root = (config.get("source") or {}).get("root")
@@ -307,7 +358,17 @@ def hub_metadata(
         "configs": [
             {
                 "config_name": "default",
-                "data_files": [{"split": "train", "path": f"{layout.IMAGES}/**/*.jpg"}],
+                "data_files": [
+                    {
+                        "split": "train",
+                        "path": f"{layout.IMAGES}/**/*.jpg"
+                        if not attributes
+                        else [
+                            f"{layout.IMAGES}/**/*.jpg",
+                            f"{layout.IMAGES}/{layout.IMAGES_METADATA}",
+                        ],
+                    }
+                ],
             }
         ],
     }
@@ -319,7 +380,9 @@ def render_hub_card(**card: Any) -> str:
     body = render_dataset_card(**card)
     config, counts = card["config"], card["counts"]
     restricted = bool(restrictions(config, card["weights_manifest"], card["source_license"]))
-    metadata = hub_metadata(config=config, counts=counts, restricted=restricted)
+    metadata = hub_metadata(
+        config=config, counts=counts, restricted=restricted, attributes=card.get("attributes")
+    )
     loading = [
         "## Loading",
         "",
@@ -390,4 +453,5 @@ def write_card(
         weights_manifest={"profile": weights.get("profile"), "files": weights.get("files", [])},
         source_license=config["source"].get("license"),
         lora=record.get("lora"),
+        attributes=record.get("attributes"),
     )

@@ -7,7 +7,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from digi2real.config import DECODERS, DTYPES, SAMPLERS, SHIFT_METHODS, SHIFT_POSITIONS
+from digi2real.config import (
+    DECODERS,
+    DTYPES,
+    FRAMES,
+    GEOMETRY,
+    SAMPLERS,
+    SHIFT_METHODS,
+    SHIFT_POSITIONS,
+    SOURCE_LAYOUTS,
+)
 
 # exit codes: 0 success, 1 a run that failed, 2 usage or config errors, 130 Ctrl-C (128 +
 # SIGINT, what a shell reports for an interrupted command)
@@ -45,6 +54,44 @@ FLAGS: dict[str, dict[str, tuple[str | None, dict[str, Any]]]] = {
         "--min-images": (
             "source.min_images",
             {"type": int, "help": "minimum usable images per identity"},
+        ),
+    },
+    "attributes": {
+        "--layout": (
+            "source.layout",
+            {
+                "choices": SOURCE_LAYOUTS,
+                "help": "SRC's layout: folders (one per identity), facesynthetics, synthface "
+                "(default auto: from the file names)",
+            },
+        ),
+        "--attributes": (
+            "source.attributes",
+            {"help": "per-image attribute table (CSV, Parquet, JSON Lines; keyed by 'path')"},
+        ),
+        "--where": (
+            "attributes.where",
+            {"help": "keep the source images whose attributes satisfy it, e.g. 'abs(yaw) > 30'"},
+        ),
+        "--balance": (
+            "attributes.balance",
+            {"help": "COLUMN[:BINS] or COLUMN:E0,E1,..: spread each identity's outputs over bins"},
+        ),
+        "--estimate-attributes": (
+            "attributes.estimate",
+            {
+                "action": "store_true",
+                "default": None,
+                "help": "estimate yaw, pitch, roll, face size, sharpness, brightness (*_est)",
+            },
+        ),
+        "--geometry": (
+            "attributes.geometry",
+            {"choices": GEOMETRY, "help": "carry landmarks and masks: auto | carry | off"},
+        ),
+        "--frame": (
+            "output.frame",
+            {"choices": FRAMES, "help": "outputs and their labels: crop (112) or generation"},
         ),
     },
     "generation": {

@@ -97,12 +97,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("convert", help="convert a dataset (one folder per identity)")
+    p = sub.add_parser(
+        "convert", help="convert a dataset (one folder per identity, FaceSynthetics, SynthFace)"
+    )
     p.add_argument(
-        "src", help="the source dataset: one folder of images per identity (path or URL)"
+        "src",
+        help="the source dataset: one folder of images per identity, or a FaceSynthetics or "
+        "SynthFace folder (path or URL)",
     )
     p.add_argument("out", help="the output folder or URL (created; re-run to resume)")
-    add_config_flags(p, "source", "generation", "shift")
+    add_config_flags(p, "source", "attributes", "generation", "shift")
     p.add_argument("--outputs-per-identity", type=int, help="images per identity")
     p.add_argument("--formats", help="comma list: imagefolder,webdataset,recordio")
     p.add_argument("--shard-size", type=int, help="identities per shard")

@@ -4,6 +4,10 @@
 
     OUT/
       images/<identity>/<k:04d>.jpg        aligned 112x112 crops (the ImageFolder root)
+      images/metadata.parquet              the images' attributes, typed, for `datasets`
+                                           (a run that carries attributes)
+      annotations/<identity>/<k:04d>.json     an image's attributes (the same run)
+      annotations/<identity>/<k:04d>_seg.png  its render's class-id mask, in its frame
       originals/<identity>/<k:04d>.jpg     full-resolution outputs (output.keep_original)
       wds/shard-NNNNNN.tar                 WebDataset
       rec/{train.rec,train.idx,property}   insightface RecordIO
@@ -13,11 +17,15 @@
               judge_outputs.npy,domain_gap.png,domain_gap_features.png,
               features_{gallery,sources,outputs}.npz}
                                            a report (features_*: cached feature summaries)
+      report/{attributes.png,landmarks_NNN.png}
+                                           its attribute section (a run that carries them)
       report/{compare.json,compare.html}   `report --compare` of several runs (first run's)
       .digi2real/                          run state
         run.json  plan.parquet  plan_errors.parquet
+        attributes.parquet                 the planned source images' ground truth (if any)
         outputs.npy  targets.npy           row-aligned with manifest.parquet
         cache/shard-NNNNNN.parquet         a shard's source embeddings
+        cache/shard-NNNNNN-estimates.parquet  its source images' *_est attributes
         shards/NNNNNN/{manifest,rejected,errors}.parquet {outputs,targets}.npy
                                            a shard's parts; its manifest.parquet is the commit
         attempts/<run token>/NNNNNN.<k>    Ray: a shard's k-th attempt (removed after the run)
@@ -39,6 +47,8 @@ from typing import Any
 from digi2real.data.store import ObjectPath, location
 
 IMAGES = "images"
+ANNOTATIONS = "annotations"  # outside images/: a mask there would be read as a training image
+IMAGES_METADATA = "metadata.parquet"  # in images/: the metadata file `datasets` reads
 ORIGINALS = "originals"
 WEBDATASET = "wds"
 RECORDIO = "rec"
@@ -60,6 +70,7 @@ REPORT_JUDGE_OUTPUTS = "judge_outputs.npy"
 REPORT_POSE = "pose.png"
 REPORT_DOMAIN_GAP = "domain_gap.png"  # in the recognizer's space
 REPORT_DOMAIN_GAP_FEATURES = "domain_gap_features.png"  # in the --features encoder's space
+REPORT_ATTRIBUTES = "attributes.png"  # sources vs outputs, one panel per numeric attribute
 REPORT_COMPARE_JSON = "compare.json"
 REPORT_COMPARE_HTML = "compare.html"
 KEPT_KEYS = "kept_keys.txt"
@@ -69,6 +80,7 @@ STATE = ".digi2real"
 RUN_JSON = "run.json"
 PLAN = "plan.parquet"
 PLAN_ERRORS = "plan_errors.parquet"
+ATTRIBUTES = "attributes.parquet"
 OUTPUTS = "outputs.npy"  # generated images' embeddings, row-aligned with the manifest
 TARGETS = "targets.npy"  # their target embeddings, likewise
 CACHE = "cache"
@@ -79,19 +91,22 @@ SHARD_PARTS = (ERRORS, REJECTED, OUTPUTS, TARGETS, MANIFEST)
 
 
 CONTACT_SHEET_GLOB = "contact_*.png"
+LANDMARK_SHEET_GLOB = "landmarks_*.png"  # outputs with their carried landmarks drawn
 
 # -- what digi2real writes, by name: the ownership rule (data/ownership.py applies it) -------
 # OUT's top-level files; the whole run-state folder; the report's files
 OWNED_FILES = frozenset(
     {MANIFEST, REJECTED, ERRORS, LABELS, CONFIG, CARD, HUB_CARD, KEPT_KEYS, PRUNE_JSON}
 )
-OWNED_FOLDERS = frozenset({IMAGES, ORIGINALS, WEBDATASET, RECORDIO, REPORT, STATE})
+OWNED_FOLDERS = frozenset({IMAGES, ORIGINALS, ANNOTATIONS, WEBDATASET, RECORDIO, REPORT, STATE})
 _REPORT_FILE = re.compile(
     r"^(?:report\.json|similarity_hist\.png|pose\.png|index\.html|judge_outputs\.npy"
     r"|domain_gap\.png|domain_gap_features\.png|features_(?:gallery|sources|outputs)\.npz"
-    r"|compare\.json|compare\.html|contact_\d{3,}\.png)$"
+    r"|compare\.json|compare\.html|contact_\d{3,}\.png"
+    r"|attributes\.png|landmarks_\d{3,}\.png)$"
 )
 _IMAGE_FILE = re.compile(r"^\d{4,}\.jpg$")
+_ANNOTATION_FILE = re.compile(r"^\d{4,}(?:\.json|_seg\.png)$")
 _WEBDATASET_FILE = re.compile(r"^shard-\d{6}\.tar$")
 _RECORDIO_FILES = frozenset({RECORDIO_DATA, RECORDIO_INDEX, RECORDIO_PROPERTY})
 
@@ -106,9 +121,12 @@ def is_owned_name(relative: str, identities: Container[str]) -> bool:
         return top in OWNED_FILES
     if top == STATE:
         return True
-    if top in (IMAGES, ORIGINALS):
+    if top in (IMAGES, ORIGINALS, ANNOTATIONS):
+        if relative == f"{IMAGES}/{IMAGES_METADATA}":
+            return True
         identity = unicodedata.normalize("NFC", parts[1])
-        return len(parts) == 3 and identity in identities and bool(_IMAGE_FILE.match(name))
+        pattern = _ANNOTATION_FILE if top == ANNOTATIONS else _IMAGE_FILE
+        return len(parts) == 3 and identity in identities and bool(pattern.match(name))
     if len(parts) != 2:
         return False
     if top == WEBDATASET:
@@ -128,6 +146,14 @@ def contact_sheet_name(number: int) -> str:
     return f"contact_{number:03d}.png"
 
 
+def is_landmark_sheet(name: str) -> bool:
+    return name.startswith("landmarks_") and bool(_REPORT_FILE.match(name))
+
+
+def landmark_sheet_name(number: int) -> str:
+    return f"landmarks_{number:03d}.png"
+
+
 def feature_summary_name(role: str) -> str:
     """The report's cached summary of one population's features (gallery, sources, outputs)
     in the ``--features`` encoder's space."""
@@ -138,12 +164,33 @@ def webdataset_shard_name(number: int) -> str:
     return f"shard-{number:06d}.tar"
 
 
-def image_path(identity: str, index: int, folder: str = IMAGES) -> str:
+def image_path(identity: str, index: int, folder: str = IMAGES, suffix: str = ".jpg") -> str:
     """An image's path relative to OUT (POSIX separators, as in the manifest); ``identity``
-    must be a usable path component (:func:`digi2real.data.fsio.safe_component`)."""
+    must be a usable path component (:func:`digi2real.data.fsio.safe_component`).
+    ``suffix``: one of :data:`SIDECARS` (``folder`` :data:`ANNOTATIONS`) names the image's
+    sidecar instead."""
     if index < 0:
         raise ValueError(f"image index must be >= 0, got {index}")
-    return f"{folder}/{identity}/{index:04d}.jpg"
+    return f"{folder}/{identity}/{index:04d}{suffix}"
+
+
+# an image's sidecars in annotations/<identity>/: its attributes and its mask
+SIDECAR_JSON = ".json"
+SIDECAR_MASK = "_seg.png"
+SIDECARS = (SIDECAR_JSON, SIDECAR_MASK)
+
+
+def sidecar_of(image: str, suffix: str) -> str:
+    """The sidecar (:data:`SIDECARS`) of the image at ``image`` (``images/<identity>/<k>.jpg``)."""
+    return f"{ANNOTATIONS}/{image.removeprefix(IMAGES + '/').removesuffix('.jpg')}{suffix}"
+
+
+def image_of(relative: str) -> str:
+    """The image a file in an identity folder belongs to: itself, or a sidecar's image."""
+    for suffix in SIDECARS:
+        if relative.endswith(suffix):
+            return relative.removesuffix(suffix) + ".jpg"
+    return relative
 
 
 class OutLayout:
@@ -227,6 +274,13 @@ class OutLayout:
 
     def cache(self, shard: int) -> Any:
         return self.state / CACHE / f"shard-{shard:06d}.parquet"
+
+    def estimates_cache(self, shard: int) -> Any:
+        return self.state / CACHE / f"shard-{shard:06d}-estimates.parquet"
+
+    @property
+    def attributes(self) -> Any:
+        return self.state / ATTRIBUTES
 
     def shard(self, shard: int) -> Any:
         return self.state / SHARDS / f"{shard:06d}"

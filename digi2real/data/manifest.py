@@ -50,6 +50,13 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
+
+def manifest_schema(extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The manifest's columns: the fixed ones, then a run's attribute columns
+    (:meth:`digi2real.data.attributes.Control.fields`; none for a run without attributes)."""
+    return pa.schema([*MANIFEST_SCHEMA, *extra]) if extra else MANIFEST_SCHEMA
+
+
 REJECTED_SCHEMA = pa.schema(
     [
         ("identity", pa.string()),

@@ -11,6 +11,7 @@ import numpy as np
 from insightface.utils import face_align
 
 from digi2real.face.detect import Detection, FaceDetector, check_image
+from digi2real.face.landmarks import compose, crop_matrix, identity_matrix, resize_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,14 @@ def is_aligned_crop(image: np.ndarray, size: int = 112) -> bool:
     return image.ndim >= 2 and image.shape[0] == size and image.shape[1] == size
 
 
+def center_crop_matrix(shape: tuple[int, ...], size: int) -> np.ndarray:
+    """The 2x3 map of :func:`center_crop_align` from an image of ``shape``."""
+    height, width = shape[:2]
+    side = min(height, width)
+    window = crop_matrix((width - side) // 2, (height - side) // 2)
+    return window if side == size else compose(window, resize_matrix((side, side), (size, size)))
+
+
 def center_crop_align(image_rgb: np.ndarray, size: int = 112) -> np.ndarray:
     """Square centre crop resized to ``size``: the tiny profile's explicit fallback."""
     check_image(image_rgb, "image_rgb")
@@ -60,11 +69,13 @@ def center_crop_align(image_rgb: np.ndarray, size: int = 112) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class AlignResult:
-    """An aligned crop (or None when no face was usable) and how it was obtained."""
+    """An aligned crop (or None when no face was usable), how it was obtained, and the 2x3
+    map from the input's pixels to the crop's."""
 
     image: np.ndarray | None
     method: AlignMethod | None
     detection: Detection | None = None
+    matrix: np.ndarray | None = None
 
 
 def locate_and_align(
@@ -80,7 +91,9 @@ def locate_and_align(
     """
     check_image(image_rgb, "image_rgb")
     if is_aligned_crop(image_rgb, size):
-        return AlignResult(np.ascontiguousarray(image_rgb), "aligned_input")
+        return AlignResult(
+            np.ascontiguousarray(image_rgb), "aligned_input", None, identity_matrix()
+        )
     if detector is None:
         raise ValueError(
             f"image of shape {image_rgb.shape} is not a {size}x{size} aligned crop "
@@ -89,9 +102,15 @@ def locate_and_align(
     detections = detector.detect(image_rgb)
     if detections:
         best = detections[0]
-        return AlignResult(align_face(image_rgb, best.kps, size), "detected", best)
+        matrix = face_align.estimate_norm(np.asarray(best.kps, np.float32), size)
+        return AlignResult(align_face(image_rgb, best.kps, size), "detected", best, matrix)
     if detector.spec.fallback == "center_crop":
-        return AlignResult(center_crop_align(image_rgb, size), "center_crop")
+        return AlignResult(
+            center_crop_align(image_rgb, size),
+            "center_crop",
+            None,
+            center_crop_matrix(image_rgb.shape, size),
+        )
     return AlignResult(None, None)
 
 
@@ -108,13 +127,21 @@ def align_at(image_rgb: np.ndarray, detector: FaceDetector, size: int) -> np.nda
     scaled by ``size / 112``, the framing of Arc2Face's training crops (112 upsampled). An
     aligned 112 crop (a DigiFace render) is resized; another image is detected and warped with
     ``norm_crop``'s transform, scaled; None when no face is found (and no fallback)."""
+    return align_at_with_matrix(image_rgb, detector, size)[0]
+
+
+def align_at_with_matrix(
+    image_rgb: np.ndarray, detector: FaceDetector, size: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`align_at` and the 2x3 map from ``image_rgb``'s pixels to the result's."""
     check_image(image_rgb, "image_rgb")
     if is_aligned_crop(image_rgb, 112):
-        return resize_square(image_rgb, size)
+        return resize_square(image_rgb, size), resize_matrix((112, 112), (size, size))
     detections = detector.detect(image_rgb)
     if detections:
         matrix = face_align.estimate_norm(np.asarray(detections[0].kps, np.float32), 112)
-        return cv2.warpAffine(image_rgb, matrix * (size / 112), (size, size), borderValue=0.0)
+        matrix = matrix * (size / 112)
+        return cv2.warpAffine(image_rgb, matrix, (size, size), borderValue=0.0), matrix
     if detector.spec.fallback == "center_crop":
-        return center_crop_align(image_rgb, size)
-    return None
+        return center_crop_align(image_rgb, size), center_crop_matrix(image_rgb.shape, size)
+    return None, None

@@ -14,7 +14,8 @@ import numpy as np
 
 from digi2real.data.embeddings import EmbeddingSet, save_embeddings
 from digi2real.data.images import ImageError, load_image
-from digi2real.data.readers import IdentitySelection, image_files, scan_dataset
+from digi2real.data.labelled import labelled_layout_of, scan_source
+from digi2real.data.readers import IdentitySelection, image_files
 from digi2real.face.stack import FaceStack
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def embed_dataset(
     inputs were unusable. ``flat``: a folder with no identity folders is read as one identity
     per image (a gallery of single photos)."""
     root = Path(root)
-    sources, scan_errors = scan_dataset(root, select=select)
+    layout = labelled_layout_of(root) or "folders"
+    sources, scan_errors = scan_source(root, layout, select=select)
     if sources:
         identity_of = {
             os.path.relpath(path, root): source.name for source in sources for path in source.files
@@ -138,7 +140,17 @@ def embedding_batches(
 ) -> Iterator[np.ndarray]:
     """Unit embeddings of every usable image under ``folder`` (any depth), in batches (the
     batches are what domain-shift statistics are accumulated over)."""
-    return usable_batches(embed_files(faces, image_files(folder), folder), batch_size=batch_size)
+    return usable_batches(embed_files(faces, source_images(folder), folder), batch_size=batch_size)
+
+
+def source_images(folder: Path) -> list[Path]:
+    """The images of ``folder``: a labelled layout's renders (never its masks), else every
+    image file under it."""
+    layout = labelled_layout_of(folder)
+    if layout is None:
+        return image_files(folder)
+    sources, _ = scan_source(folder, layout)
+    return [path for source in sources for path in source.files]
 
 
 def usable_batches(

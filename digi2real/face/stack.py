@@ -25,6 +25,10 @@ class GeneratedFace:
     embedding: np.ndarray | None  # (D,) unit, of the crop
     jpeg: bytes
     reason: str = ""
+    # the 2x3 map from ``image``'s pixels to ``crop``'s, and the detected five points in
+    # ``image``'s pixels (None: the crop was not detected, e.g. the centre-crop fallback)
+    matrix: np.ndarray | None = None
+    kps: np.ndarray | None = None
 
 
 class FaceStack:
@@ -81,8 +85,11 @@ class FaceStack:
         results: list[GeneratedFace] = []
         crops: list[np.ndarray] = []
         for image in images:
-            crop, why = self.align(image)
-            results.append(GeneratedFace(image, crop, None, b"", why))
+            aligned = locate_and_align(image, self.detector, self.recognizer_spec.input_size)
+            crop = aligned.image
+            kps = None if aligned.detection is None else np.asarray(aligned.detection.kps)
+            why = "" if crop is not None else "no face detected"
+            results.append(GeneratedFace(image, crop, None, b"", why, aligned.matrix, kps))
             if crop is not None:
                 crops.append(crop)
         if crops:

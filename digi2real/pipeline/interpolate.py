@@ -87,8 +87,72 @@ def plan_identity(
     embeddings: np.ndarray,
     config: InterpolationConfig,
     run_seed: int,
+    bins: np.ndarray | None = None,
 ) -> list[Target]:
-    """The targets of one identity from its usable images' embeddings (K, D)."""
+    """The targets of one identity from its usable images' embeddings (K, D). ``bins``: each
+    image's ``--balance`` bin (-1: none); the targets' dominant renders then come from the
+    bins in turn (:func:`balance_targets`)."""
+    targets = _plan(identity, embeddings, config, run_seed)
+    if bins is None:
+        return targets
+    rng = np.random.default_rng(stable_seed("balance", run_seed, identity))
+    return balance_targets(targets, check_embeddings(embeddings), np.asarray(bins), rng)
+
+
+def _mix(sources: list[int], weights: tuple[float, ...], embeddings: np.ndarray) -> np.ndarray:
+    mixed = np.asarray(weights, np.float64) @ embeddings[sources].astype(np.float64)
+    norm = np.linalg.norm(mixed)
+    if norm < 1e-6:  # the embeddings cancel out: the dominant one stands in
+        return embeddings[sources[int(np.argmax(weights))]].copy()
+    return (mixed / norm).astype(np.float32)
+
+
+def balance_targets(
+    targets: list[Target], embeddings: np.ndarray, bins: np.ndarray, rng: np.random.Generator
+) -> list[Target]:
+    """``targets`` with each one's dominant render (:func:`init_source`) drawn from the
+    occupied bins in turn, so the targets per bin differ by at most one; within a bin its
+    renders are used in a seeded rotation. The new render takes the dominant position (it
+    swaps places with itself when the target already mixes it in), the weights stay, and the
+    target embedding is recomputed. Renders in no bin are never dominant."""
+    if bins.shape != (embeddings.shape[0],):
+        raise ValueError(f"bins must have one entry per image, got {bins.shape}")
+    occupied = sorted(int(b) for b in set(bins.tolist()) if b >= 0)
+    if not occupied:
+        return targets
+    members = {b: [int(i) for i in rng.permutation(np.flatnonzero(bins == b))] for b in occupied}
+    turns = {b: 0 for b in occupied}
+    start = int(rng.integers(len(occupied)))
+    balanced = []
+    for position, target in enumerate(targets):
+        chosen_bin = occupied[(start + position) % len(occupied)]
+        render = members[chosen_bin][turns[chosen_bin] % len(members[chosen_bin])]
+        turns[chosen_bin] += 1
+        sources = list(target.sources)
+        dominant = init_source(target)
+        if render in sources:
+            other = sources.index(render)
+            sources[dominant], sources[other] = sources[other], sources[dominant]
+        else:
+            sources[dominant] = render
+        if target.kind == "slerp":
+            embedding = slerp(embeddings[sources[0]], embeddings[sources[1]], target.weights[1])
+        elif target.kind == "source":
+            embedding = embeddings[sources[0]].copy()
+        else:
+            embedding = _mix(sources, target.weights, embeddings)
+        balanced.append(
+            Target(target.index, target.kind, tuple(sources), target.weights, embedding)
+        )
+    return balanced
+
+
+def _plan(
+    identity: str,
+    embeddings: np.ndarray,
+    config: InterpolationConfig,
+    run_seed: int,
+) -> list[Target]:
     embeddings = check_embeddings(embeddings, name=f"embeddings of {identity!r}")
     k = embeddings.shape[0]
     rng = np.random.default_rng(stable_seed("plan", run_seed, identity))

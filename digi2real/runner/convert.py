@@ -12,6 +12,7 @@ from typing import Any
 
 from digi2real.config import Config
 from digi2real.data import fsio, ownership
+from digi2real.data.attributes import check_options
 from digi2real.data.layout import OutLayout
 from digi2real.data.node_cache import local_file
 from digi2real.data.store import ObjectPath, check_readable, location
@@ -165,6 +166,7 @@ def preflight(config: Config, out: Path, *, bench_file: str | Path | None = None
     reported unknown (runner/cost.py)."""
     import onnxruntime
 
+    check_options(config)
     check_apart(config, location(out))
     plan = make_plan(config)
     targets = plan.num_identities * config.interpolation.outputs_per_identity
@@ -230,6 +232,7 @@ def convert(
     uncommitted returns a :class:`RankSummary` instead of the dataset's :class:`Summary`."""
     out = location(out)
     config.validate()
+    check_options(config)
     check_apart(config, out)
     if delete_foreign and not overwrite:
         raise ValueError("--delete-foreign-files only goes with --overwrite")

@@ -22,13 +22,14 @@ import yaml
 from digi2real.analysis.card import write_card
 from digi2real.config import Config, split_environment
 from digi2real.data import fsio, layout, ownership
+from digi2real.data.attributes import resolve_control
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import (
     ERROR_SCHEMA,
-    MANIFEST_SCHEMA,
     REJECTED_SCHEMA,
     assign_labels,
     error_table,
+    manifest_schema,
     read_npy,
     read_table,
     write_labels,
@@ -150,14 +151,16 @@ def _finalize(
     # a killed Ray driver's attempt markers, whatever runner resumed its output
     fsio.remove_tree(paths.state / layout.ATTEMPTS)
     manifests, rejected, errors, outputs, targets = [], [], [error_table(plan.errors)], [], []
+    control = resolve_control(config, plan.attributes, plan.edges)
+    schema = manifest_schema(control.fields())
     for shard in range(len(plan.shards)):
         part = paths.shard(shard)
-        manifests.append(read_table(part / layout.MANIFEST, schema=MANIFEST_SCHEMA))
+        manifests.append(read_table(part / layout.MANIFEST, schema=schema))
         rejected.append(read_table(part / layout.REJECTED, schema=REJECTED_SCHEMA))
         errors.append(read_table(part / layout.ERRORS, schema=ERROR_SCHEMA))
         outputs.append(read_npy(part / layout.OUTPUTS))
         targets.append(read_npy(part / layout.TARGETS))
-    manifest = pa.concat_tables(manifests) if manifests else MANIFEST_SCHEMA.empty_table()
+    manifest = pa.concat_tables(manifests) if manifests else schema.empty_table()
     manifest, labels = assign_labels(manifest)
     dim = outputs[0].shape[1] if outputs else 0
     write_npy(paths.outputs, np.concatenate(outputs) if outputs else np.zeros((0, dim)))
@@ -170,6 +173,8 @@ def _finalize(
     faults.point("finalize-parts")
 
     _remove_orphans(out, set(manifest.column("path").to_pylist()), plan)
+    if control.active:
+        write_parquet(paths.images / layout.IMAGES_METADATA, images_metadata(manifest, control))
     assemble_formats(out, config.output.formats, manifest)
     faults.point("finalize-formats")
 
@@ -195,6 +200,16 @@ def _finalize(
         "lora": lora,
         "environment": {**env, **moved},
     }
+    if control.active:
+        record["attributes"] = {
+            "origin": control.attributes.origin,
+            "columns": [f.name for f in control.fields()],
+            "geometry": control.geometry,
+            "where": config.attributes.where,
+            "balance": config.attributes.balance,
+            "edges": list(control.edges) if control.edges is not None else None,
+            **({"table": control.attributes.counts} if control.attributes.counts else {}),
+        }
     fsio.atomic_write_bytes(
         paths.config, yaml.safe_dump(record, sort_keys=True, allow_unicode=True).encode()
     )
@@ -212,6 +227,23 @@ def _finalize(
     return summary
 
 
+def images_metadata(manifest: pa.Table, control: Any) -> pa.Table:
+    """``images/metadata.parquet``: what `datasets`' imagefolder loader joins to each image
+    (``file_name`` relative to ``images/``), typed: its identity and label, its attributes."""
+    prefix = f"{layout.IMAGES}/"
+    names = [field.name for field in control.fields()]
+    return pa.table(
+        {
+            "file_name": pa.array(
+                [p.removeprefix(prefix) for p in manifest.column("path").to_pylist()], pa.string()
+            ),
+            "identity": manifest.column("identity"),
+            "label": manifest.column("label"),
+            **{name: manifest.column(name) for name in names},
+        }
+    )
+
+
 def _remove_orphans(out: Path | ObjectPath, paths: set[str], plan: Plan) -> None:
     """Images left by an interrupted attempt whose shard was redone differently (a batch-size
     change can move a borderline similarity across the threshold) have no manifest row. Only
@@ -221,13 +253,16 @@ def _remove_orphans(out: Path | ObjectPath, paths: set[str], plan: Plan) -> None
         unicodedata.normalize("NFC", identity.name) for _, identity in plan.iter_identities()
     )
     foreign = []
-    for folder in (layout.IMAGES, layout.ORIGINALS):
+    for folder in (layout.IMAGES, layout.ORIGINALS, layout.ANNOTATIONS):
         for rel, path in files_under(out / folder):
             relative = f"{folder}/{rel}"
+            if relative == f"{layout.IMAGES}/{layout.IMAGES_METADATA}":
+                continue  # rewritten by this finalisation
             if path.is_symlink() or not ownership.is_owned(relative, identities):
                 foreign.append(relative)
-            # originals/ mirrors images/: an original's row is its crop's row
-            elif f"{layout.IMAGES}/{rel}" not in paths:
+            # originals/ and annotations/ mirror images/: an original's row is its crop's
+            # row, a sidecar's its image's
+            elif f"{layout.IMAGES}/{layout.image_of(rel)}" not in paths:
                 logger.info("removing orphan image %s", relative)
                 fsio.remove(path)
     if foreign:

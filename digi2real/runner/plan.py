@@ -1,11 +1,17 @@
 """A run planned up front: identities -> fixed shards, persisted in ``OUT/.digi2real/``
 (:mod:`digi2real.data.layout`): ``plan.parquet`` (shard, identity, files relative to the source
-root), ``plan_errors.parquet`` (scan-time error rows), then ``run.json`` (the effective config,
-flattened, and the weights/stats digests), whose presence says the plan is complete.
+root), ``plan_errors.parquet`` (scan-time error rows), ``attributes.parquet`` (the planned
+images' ground truth, when the source has any: a labelled layout's labels, an ``--attributes``
+table), then ``run.json`` (the effective config, flattened, and the weights/stats digests),
+whose presence says the plan is complete.
+
+The attribute options are checked here, before any work: a ``--where`` or ``--balance`` that
+names an unknown attribute, or a hostile expression, stops the run with nothing written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -13,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from digi2real.config import Config, flatten, output_differences
+from digi2real.data import attributes as attrs
 from digi2real.data import fsio, ownership
+from digi2real.data.labelled import LABELLED_LAYOUTS, resolve_layout, scan_source
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import error_table, read_table, write_parquet
-from digi2real.data.readers import ErrorRow, IdentitySelection, IdentitySource, scan_dataset
+from digi2real.data.readers import ErrorRow, IdentitySelection, IdentitySource
 from digi2real.data.store import ObjectPath, location
 from digi2real.version import __version__
 
@@ -35,6 +44,8 @@ class Plan:
     source_root: Path | ObjectPath
     shards: list[list[IdentitySource]]
     errors: list[ErrorRow]
+    attributes: attrs.SourceAttributes = dataclasses.field(default_factory=attrs.SourceAttributes)
+    edges: tuple[float, ...] | None = None  # --balance's bin edges
 
     @property
     def num_identities(self) -> int:
@@ -57,10 +68,58 @@ def make_plan(config: Config) -> Plan:
     if not root.is_dir():
         raise FileNotFoundError(f"source dataset not found: {root}")
     selection = IdentitySelection.from_spec(config.source.identities)
-    sources, errors = scan_dataset(root, select=selection)
+    source_layout = resolve_layout(root, config.source.layout)
+    attributes = attrs.SourceAttributes()
+    sources, errors = scan_source(root, source_layout, select=selection)
+    if source_layout in LABELLED_LAYOUTS:
+        attributes, sources, label_errors = attrs.labelled_attributes(root, source_layout, sources)
+        errors = errors + label_errors
+    images = [attrs.normal_path(str(f.relative_to(root))) for s in sources for f in s.files]
+    if config.source.attributes is not None:
+        table = attrs.match_table(attrs.read_attribute_table(config.source.attributes), images)
+        if table.counts["rows_without_image"] or table.counts["images_without_row"]:
+            logger.warning(
+                "attribute table: %d row(s) match no image, %d image(s) have no row",
+                table.counts["rows_without_image"],
+                table.counts["images_without_row"],
+            )
+        attributes = attrs.merge(attributes, table)
+    attributes = attributes.restrict(set(images)) if attributes else attributes
+    edges = balance_edges(config, attributes, images)
     size = config.output.shard_size
     shards = [sources[i : i + size] for i in range(0, len(sources), size)]
-    return Plan(root, shards, errors)
+    return Plan(root, shards, errors, attributes, edges)
+
+
+def balance_edges(
+    config: Config, attributes: attrs.SourceAttributes, images: list[str]
+) -> tuple[float, ...] | None:
+    """``--balance``'s bin edges, fixed for the whole run (so no output depends on sharding):
+    explicit, or equal widths over the planned images' ground truth (those a ``--where`` on
+    ground truth keeps). An estimate is known only as shards run: it needs explicit edges."""
+    control = attrs.resolve_control(config, attributes)  # checks where and balance
+    balance = control.balance
+    if balance is None:
+        return None
+    if balance.edges is not None:
+        return balance.edges
+    if balance.column not in attributes.columns:
+        raise attrs.AttributeSpecError(
+            f"--balance {balance.column}:{balance.bins}: {balance.column!r} is estimated as "
+            "shards run, so its range is not known up front: give the bin edges, e.g. "
+            f"--balance {balance.column}:-90,-30,30,90"
+        )
+    if not pa.types.is_integer(attributes.columns[balance.column]) and not pa.types.is_floating(
+        attributes.columns[balance.column]
+    ):
+        raise attrs.AttributeSpecError(f"--balance: attribute {balance.column!r} is not a number")
+    where = control.where
+    if where is not None and not set(where.names) <= set(attributes.columns):
+        where = None  # it names estimates: the range is over every planned image
+    columns = {name: attrs.column_values(attributes, name, images) for name in attributes.columns}
+    chosen = where.evaluate(columns, len(images)) if where is not None else slice(None)
+    values = np.asarray(columns[balance.column], dtype=np.float64)[chosen]
+    return balance.resolve(values)
 
 
 def plan_table(plan: Plan) -> pa.Table:
@@ -123,6 +182,14 @@ def prepare_out(
     plan = make_plan(config)
     write_parquet(paths.plan, plan_table(plan))
     write_parquet(paths.plan_errors, error_table(plan.errors))
+    if plan.attributes or plan.edges is not None:
+        table = plan.attributes.to_table()
+        meta = json.loads(table.schema.metadata[b"digi2real"])
+        meta["edges"] = list(plan.edges) if plan.edges is not None else None
+        write_parquet(
+            paths.attributes,
+            table.replace_schema_metadata({"digi2real": json.dumps(meta, sort_keys=True)}),
+        )
     # run.json last: its presence says the plan is complete
     fsio.atomic_write_bytes(
         paths.run_json, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
@@ -144,4 +211,17 @@ def load_plan(out: Path | ObjectPath, config: Config) -> Plan:
         ErrorRow(r["path"], r["identity"], r["stage"], r["reason"], r["shard"])
         for r in read_table(paths.plan_errors).to_pylist()
     ]
-    return Plan(root, shards, errors)
+    attributes, edges = load_attributes(out)
+    return Plan(root, shards, errors, attributes, edges)
+
+
+def load_attributes(
+    out: Path | ObjectPath,
+) -> tuple[attrs.SourceAttributes, tuple[float, ...] | None]:
+    """The planned images' ground truth and ``--balance``'s edges, as planned."""
+    path = OutLayout(out).attributes
+    if not path.is_file():
+        return attrs.SourceAttributes(), None
+    table = read_table(path)
+    edges = json.loads(table.schema.metadata[b"digi2real"]).get("edges")
+    return attrs.SourceAttributes.from_table(table), tuple(edges) if edges else None

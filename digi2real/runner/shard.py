@@ -7,8 +7,11 @@ the batch size or which shards ran before it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +20,14 @@ import numpy as np
 import pyarrow as pa
 
 from digi2real.config import Config
+from digi2real.data import attributes as attrs
 from digi2real.data import fsio, layout
 from digi2real.data.images import encode_jpeg, load_image
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import (
-    MANIFEST_SCHEMA,
     REJECTED_SCHEMA,
     error_table,
+    manifest_schema,
     read_table,
     write_npy,
     write_parquet,
@@ -33,11 +37,13 @@ from digi2real.data.readers import ErrorRow, IdentitySource, apply_min_images
 from digi2real.data.store import ObjectPath, location
 from digi2real.data.writers import Sample
 from digi2real.data.writers.imagefolder import ImageFolderWriter
-from digi2real.face.align import align_at
+from digi2real.face import landmarks as geometry
+from digi2real.face.align import align_at_with_matrix
 from digi2real.face.images import embed_images
 from digi2real.pipeline.identity_filter import Accepted, Pending, generate_with_retries
 from digi2real.pipeline.interpolate import Target, plan_identity
 from digi2real.runner import faults
+from digi2real.runner.plan import load_attributes
 from digi2real.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -71,6 +77,8 @@ class ShardRunner:
         self.source_root: Any = location(source_root)
         self.layout = OutLayout(out)
         self.image_writer = ImageFolderWriter(out_dir=self.out)
+        # init render path -> its map into the generation frame (render-guided transfer)
+        self._render_frames: dict[str, np.ndarray] = {}
 
     @classmethod
     def build(
@@ -97,9 +105,13 @@ class ShardRunner:
         return str(path.relative_to(self.source_root))
 
     def embed_sources(
-        self, shard: int, identities: list[IdentitySource]
+        self,
+        shard: int,
+        identities: list[IdentitySource],
+        select: Callable[[list[str]], np.ndarray] | None = None,
     ) -> tuple[dict[str, tuple[np.ndarray, list[str]]], list[ErrorRow]]:
-        """Usable images' embeddings per identity, cached per shard."""
+        """Usable images' embeddings per identity, cached per shard; ``select`` (usable paths
+        -> a keep mask) drops images before the minimum-images rule counts them."""
         cache = self.layout.cache(shard)
         if cache.is_file():
             table = read_table(cache).to_pylist()
@@ -118,8 +130,22 @@ class ShardRunner:
             else:
                 usable[row["identity"]][0].append(np.asarray(row["embedding"], dtype=np.float32))
                 usable[row["identity"]][1].append(row["path"])
+        stage = "read"
+        if select is not None:
+            stage = "select"  # too few images satisfy --where
+            paths = [path for _, names in usable.values() for path in names]
+            keep = dict(zip(paths, select(paths).tolist(), strict=True))
+            usable = {
+                name: (
+                    [e for e, p in zip(*pair, strict=True) if keep[p]],
+                    [p for p in pair[1] if keep[p]],
+                )
+                for name, pair in usable.items()
+            }
         counts = {name: len(v[1]) for name, v in usable.items()}
-        kept, too_few = apply_min_images(identities, counts, self.config.source.min_images)
+        kept, too_few = apply_min_images(
+            identities, counts, self.config.source.min_images, stage=stage
+        )
         errors.extend(dataclasses.replace(e, shard=shard) for e in too_few)
         result = {i.name: (np.stack(usable[i.name][0]), usable[i.name][1]) for i in kept}
         return result, errors
@@ -145,13 +171,136 @@ class ShardRunner:
 
     def init_image(self, item: Pending) -> np.ndarray:
         """A target's init render (render-guided transfer) in the ArcFace frame at the
-        generation resolution."""
+        generation resolution; the map into that frame is kept for the render's labels."""
         (path,) = local_files([self.source_root / item.init_path], folder="source")
         image = load_image(path)
-        aligned = align_at(image, self.engine.detector, self.engine.generator.resolution)
+        aligned, matrix = align_at_with_matrix(
+            image, self.engine.detector, self.engine.generator.resolution
+        )
         if aligned is None:  # it was embedded, so it had a face: only a detector change
             raise ValueError(f"{item.init_path}: no face to initialise {item.identity!r} from")
+        self._render_frames[item.init_path] = matrix
         return aligned
+
+    # -- attributes ----------------------------------------------------------------------------
+
+    @functools.cached_property
+    def control(self) -> attrs.Control:
+        """The run's attribute options over its planned ground truth."""
+        attributes, edges = load_attributes(self.out)
+        return attrs.resolve_control(self.config, attributes, edges)
+
+    def estimates(self, shard: int, paths: list[str]) -> dict[str, dict[str, Any]]:
+        """Every ``*_est`` attribute of the shard's usable images, cached per shard."""
+        from digi2real.face.estimates import estimate_attributes
+
+        cache = self.layout.estimates_cache(shard)
+        if cache.is_file():
+            rows = read_table(cache).to_pylist()
+            found = {row.pop("path"): row for row in rows}
+            if set(paths) <= set(found):
+                return found
+        found = {}
+        readable = local_files([self.source_root / p for p in paths], folder="source")
+        for relative, local in zip(paths, readable, strict=True):
+            found[relative] = estimate_attributes(load_image(local), self.engine.detector)
+        table = pa.table(
+            {
+                "path": pa.array(sorted(found), pa.string()),
+                **{
+                    name: pa.array([found[p][name] for p in sorted(found)], pa.float64())
+                    for name in attrs.ESTIMATES
+                },
+            }
+        )
+        write_parquet(cache, table)
+        return found
+
+    def source_values(self, shard: int, paths: list[str]) -> dict[str, np.ndarray]:
+        """Every scalar attribute of ``paths`` as ``--where`` reads it (estimates included
+        when the run estimates)."""
+        control = self.control
+        columns = {
+            name: attrs.column_values(control.attributes, name, paths)
+            for name in control.attributes.names
+        }
+        if control.estimates:
+            found = self.estimates(shard, paths)
+            for name in attrs.ESTIMATES:
+                columns[name] = np.array(
+                    [np.nan if found[p][name] is None else found[p][name] for p in paths],
+                    np.float64,
+                )
+        return columns
+
+    def _selector(self, shard: int, values: dict[str, dict[str, Any]]) -> Callable:
+        """``select`` for :meth:`embed_sources`: the images ``--where`` keeps; fills
+        ``values`` (path -> scalar attributes) for every usable image on the way."""
+        control = self.control
+
+        def select(paths: list[str]) -> np.ndarray:
+            columns = self.source_values(shard, paths)
+            for i, path in enumerate(paths):
+                values[path] = {name: _plain(column[i]) for name, column in columns.items()}
+            if control.where is None:
+                return np.ones(len(paths), dtype=bool)
+            return control.where.evaluate(columns, len(paths))
+
+        return select
+
+    def carry(
+        self, item: Pending, face: Any, values: dict[str, dict[str, Any]]
+    ) -> tuple[dict[str, Any], bytes | None, np.ndarray]:
+        """What an accepted output carries: its manifest columns (its dominant render's
+        attributes; landmarks and the render->output map when geometry is kept; label
+        fidelity), its mask sidecar's PNG (or None), and the image it is written as."""
+        from digi2real.face.pose import estimate_pose
+
+        control = self.control
+        source = item.init_path
+        row: dict[str, Any] = {
+            name: values.get(source, {}).get(name) for name in control.scalar_names
+        }
+        row[attrs.ATTRIBUTES_FROM] = source
+        generation_frame = self.config.output.frame == "generation"
+        image = face.image if generation_frame else face.crop
+        to_output = geometry.identity_matrix() if generation_frame else face.matrix
+        detected = None
+        if face.kps is not None and to_output is not None:
+            detected = geometry.apply(to_output, face.kps)
+        mask_png = None
+        if control.geometry:
+            row.update({attrs.LANDMARKS: None, attrs.LABEL_MATRIX: None, attrs.NME: None})
+            render_frame = self._render_frames.get(source)
+            if render_frame is not None and to_output is not None:
+                matrix = geometry.compose(render_frame, to_output)
+                row[attrs.LABEL_MATRIX] = matrix.ravel().tolist()
+                points = control.attributes.landmarks.get(source)
+                if points is not None:
+                    carried = geometry.apply(matrix, points)
+                    row[attrs.LANDMARKS] = carried.tolist()
+                    if detected is not None:
+                        row[attrs.NME] = geometry.nme(detected, carried)
+                mask = control.attributes.segmentation.get(source)
+                if mask is not None:
+                    mask_png = self._warped_mask(mask, matrix, image.shape[1::-1])
+        yaw = pitch = None
+        if face.kps is not None:
+            yaw, pitch = estimate_pose(face.kps)
+        row[attrs.OUTPUT_YAW], row[attrs.OUTPUT_PITCH] = yaw, pitch
+        return row, mask_png, image
+
+    def _warped_mask(self, relative: str, matrix: np.ndarray, size: tuple[int, int]) -> bytes:
+        import cv2
+
+        from digi2real.data.labelled import read_mask
+
+        (local,) = local_files([self.source_root / relative], folder="source")
+        mask = read_mask(Path(local).parent, Path(local).name)
+        ok, encoded = cv2.imencode(".png", geometry.warp_mask(mask, matrix, size))
+        if not ok:
+            raise ValueError(f"{relative}: the carried mask could not be encoded")
+        return encoded.tobytes()
 
     # -- the shard -----------------------------------------------------------------------------
 
@@ -166,24 +315,43 @@ class ShardRunner:
         # leftovers of a killed attempt of this shard (never read; a Ray duplicate attempt
         # running concurrently would only lose temp files it re-creates on its next write)
         fsio.remove_stale_temps(final)
-        sources, errors = self.embed_sources(shard, identities)
+        control = self.control
+        values: dict[str, dict[str, Any]] = {}  # usable path -> its scalar attributes
+        select = self._selector(shard, values) if control.active else None
+        sources, errors = self.embed_sources(shard, identities, select)
         faults.point("shard-embedded", shard)
         pending: list[Pending] = []
         targets: dict[str, list[Target]] = {}
         for name in sorted(sources):
             embeddings, paths = sources[name]
+            bins = None
+            if control.balance is not None and control.edges is not None:
+                column = [values[p].get(control.balance.column) for p in paths]
+                bins = attrs.bin_index(
+                    np.array([np.nan if v is None else v for v in column], np.float64),
+                    control.edges,
+                )
             targets[name] = plan_identity(
-                name, embeddings, self.config.interpolation, self.config.run.seed
+                name, embeddings, self.config.interpolation, self.config.run.seed, bins
             )
             for target in targets[name]:
                 pending.append(Pending(name, target, [paths[i] for i in target.sources]))
 
         keep_original = self.config.output.keep_original
         quality = self.config.output.jpeg_quality
+        carried: dict[tuple[str, int], dict[str, Any]] = {}
 
         def write_image(done: Accepted) -> None:
             # atomic and deterministic: an uncommitted shard's images are rewritten (or, if
             # no longer accepted, removed at finalisation) when the shard is redone
+            data = done.face.jpeg
+            if control.active or self.config.output.frame == "generation":
+                extra, mask_png, image = self.carry(done.item, done.face, values)
+                if self.config.output.frame == "generation":
+                    data = encode_jpeg(image, quality=quality)
+                if control.active:
+                    carried[(done.item.identity, done.item.target.index)] = extra
+                    self._write_sidecars(done.item, extra, mask_png)
             if keep_original:
                 identity = fsio.safe_component(done.item.identity)
                 fsio.atomic_write_bytes(
@@ -198,7 +366,7 @@ class ShardRunner:
                     identity=done.item.identity,
                     index=done.item.target.index,
                     shard=shard,
-                    data=done.face.jpeg,
+                    data=data,
                     meta={},
                 )
             )
@@ -214,7 +382,13 @@ class ShardRunner:
 
         # each part is written under a temp name unique to this attempt and renamed in; the
         # manifest part goes last and is the commit marker (idempotent: same bytes each time)
-        rows = [self._manifest_row(shard, done.item, done.similarity) for done in accepted]
+        rows = [
+            {
+                **self._manifest_row(shard, done.item, done.similarity),
+                **carried.get((done.item.identity, done.item.target.index), {}),
+            }
+            for done in accepted
+        ]
         write_parquet(
             final / layout.ERRORS,
             error_table([dataclasses.replace(e, shard=shard) for e in errors]),
@@ -235,13 +409,33 @@ class ShardRunner:
         write_npy(final / layout.OUTPUTS, outputs)
         write_npy(final / layout.TARGETS, targets)
         faults.point("shard-before-commit", shard)
-        write_parquet(final / layout.MANIFEST, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+        schema = manifest_schema(control.fields())
+        write_parquet(final / layout.MANIFEST, pa.Table.from_pylist(rows, schema=schema))
         faults.point("shard-committed", shard)
         result.accepted = len(accepted)
         result.rejected = len(rejected)
         result.errors = len(errors)
         result.seconds = time.perf_counter() - start
         return result
+
+    def _write_sidecars(self, item: Pending, extra: dict[str, Any], mask_png: bytes | None) -> None:
+        identity = fsio.safe_component(item.identity)
+        index = item.target.index
+        text = json.dumps(
+            {k: v for k, v in extra.items() if k != attrs.LABEL_MATRIX or v is not None},
+            sort_keys=True,
+            allow_nan=False,
+        )
+        fsio.atomic_write_bytes(
+            self.out / layout.image_path(identity, index, layout.ANNOTATIONS, layout.SIDECAR_JSON),
+            (text + "\n").encode("utf-8"),
+        )
+        if mask_png is not None:
+            fsio.atomic_write_bytes(
+                self.out
+                / layout.image_path(identity, index, layout.ANNOTATIONS, layout.SIDECAR_MASK),
+                mask_png,
+            )
 
     def _manifest_row(self, shard: int, item: Pending, similarity: float) -> dict[str, Any]:
         settings = self.engine.describe()
@@ -285,3 +479,12 @@ class ShardRunner:
             "interp_weights": list(item.target.weights),
             "shard": shard,
         }
+
+
+def _plain(value: Any) -> Any:
+    """A column cell as a JSON-able Python value (NaN: missing)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -41,6 +41,7 @@ class Sample:
     shard: int
     data: bytes
     meta: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, bytes] = field(default_factory=dict)
 
 
 def sample_key(label: int, index: int) -> str:

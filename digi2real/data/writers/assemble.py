@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from digi2real.data import layout
 from digi2real.data.store import ObjectPath, location, read_many
 from digi2real.data.writers import Sample, get_writer
 
@@ -44,10 +45,28 @@ def _image_bytes(out: Any, paths: list[str]) -> Iterator[bytes]:
 
 
 def assemble(out: Path | ObjectPath, fmt: str, manifest: pa.Table) -> None:
+    """One format from the images; a run's attribute columns (the manifest's columns after
+    its fixed ones) join each sample's metadata, and a carried mask (its annotation file) is
+    the sample's ``seg.png``."""
+    from digi2real.data.manifest import MANIFEST_SCHEMA
+
     out = location(out)
+    attributes = [name for name in manifest.column_names if name not in MANIFEST_SCHEMA.names]
     rows = manifest.select(
-        ["key", "label", "identity", "index", "shard", "path", "similarity", "seed", "interp_kind"]
+        [
+            "key",
+            "label",
+            "identity",
+            "index",
+            "shard",
+            "path",
+            "similarity",
+            "seed",
+            "interp_kind",
+            *attributes,
+        ]
     ).to_pylist()
+    masks = "label_matrix" in attributes and fmt == "webdataset"
     options: dict[str, Any] = {}
     if fmt == "recordio":
         rows.sort(key=lambda row: (row["label"], row["index"]))
@@ -63,6 +82,13 @@ def assemble(out: Path | ObjectPath, fmt: str, manifest: pa.Table) -> None:
                     index=row["index"],
                     shard=row["shard"],
                     data=data,
-                    meta={k: row[k] for k in SAMPLE_META},
+                    meta={k: row[k] for k in (*SAMPLE_META, *attributes)},
+                    extras=_mask(out, row["path"]) if masks else {},
                 )
             )
+
+
+def _mask(out: Any, image: str) -> dict[str, bytes]:
+    """A sample's carried mask as its ``seg.png`` member, when it has one."""
+    path = out / layout.sidecar_of(image, layout.SIDECAR_MASK)
+    return {"seg.png": path.read_bytes()} if path.is_file() else {}

@@ -109,6 +109,7 @@ class WebDatasetWriter(Writer):
                 ("jpg", sample.data),
                 ("cls", str(sample.label).encode("ascii")),
                 ("json", meta),
+                *sorted(sample.extras.items()),
             ):
                 tar.addfile(_member(f"{sample.key}.{suffix}", data), io.BytesIO(data))
         except BaseException as error:
