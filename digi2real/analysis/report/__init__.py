@@ -7,7 +7,10 @@ embedding arrays, memory-mapped) and writes ``OUT/report/``:
 - ``similarity_hist.png``: image-to-own-centroid (intra) vs centroid-to-nearest-other
   (inter) cosine, plus output-to-target;
 - ``contact_NNN.png``: per identity its source render(s) beside its realistic outputs;
-- ``index.html`` (``html=True``): a page over all of it that opens from the folder.
+- ``index.html`` (``html=True``): a page over all of it that opens from the folder;
+- a run that carries per-image attributes: ``report.json["attributes"]`` (sources vs
+  outputs per attribute, ``--balance`` achieved, label fidelity), ``attributes.png`` and
+  ``landmarks_NNN.png`` (:mod:`.attributes`); any other run's report is unchanged.
 
 Figures: *consistency* (each image's cosine to its identity centroid and to its own
 target, per identity and over identities), *separation* (nearest other identity per
@@ -20,8 +23,8 @@ generation: near-duplicate source identities would become label noise.
 
 Modules: :mod:`.dataset` reads OUT, :mod:`.figures` computes the numbers, :mod:`.pictures`
 draws the histogram and contact sheets, :mod:`.html` writes the page, :mod:`.judge` holds
-the gallery and judge recognizers, :mod:`.summary` the text the CLI prints; this module
-puts them together. Every file is written through :mod:`digi2real.data.fsio`.
+the gallery and judge recognizers, :mod:`.attributes` a run's attribute section,
+:mod:`.summary` the text the CLI prints; this module puts them together. Every file is written through :mod:`digi2real.data.fsio`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from digi2real.analysis import metrics
+from digi2real.analysis.report.attributes import attribute_section
 from digi2real.analysis.report.compare import compare_runs, format_compare, write_compare
 from digi2real.analysis.report.dataset import (
     Dataset,
@@ -250,6 +254,9 @@ def build_report(
     if pose is not None:
         report["pose"], samples = pose_figures(dataset, pose, per_identity=pose_per_identity)
         report["pose_png"] = plot_pose(samples, report_dir / layout.REPORT_POSE).name
+    attributes = attribute_section(dataset, report_dir)
+    if attributes is not None:  # a run without attributes: no key, no file
+        report["attributes"] = attributes
     _write_json(out.report_json, report)
     if html:
         write_html(report, report_dir, embed_images=embed_images)

@@ -1,8 +1,9 @@
 """``digi2real report --compare OUT_A OUT_B ...``: several conversions side by side.
 
 Each run's figures come from its ``report.json`` (consistency, separation, diversity, domain
-gap, acceptance rate, pose spread where it was computed); its config from its ``config.yaml``,
-flattened, without the fields that say where and how a run executed rather than what it made
+gap, acceptance rate, pose spread where it was computed, label fidelity where the run carries
+landmarks or pose); its config from its ``config.yaml``, flattened, without the fields that
+say where and how a run executed rather than what it made
 (:data:`digi2real.config.PLACEMENT_FIELDS`, :data:`digi2real.config.HOST_PATH_FIELDS`). The
 comparison names the fields in which the runs differ, so a user reads which setting
 (``shift.alpha``, ``generation.init_strength``, steps, a fast preset) moved which figure. It is
@@ -68,6 +69,16 @@ FIGURES: tuple[tuple[str, Getter], ...] = (
     (
         "pose: median identity yaw range (outputs)",
         _at("pose", "outputs", "identity_yaw_range", "median"),
+    ),
+    # geometry kept (a run carrying landmarks): beside the domain gap (realism) above, what
+    # e.g. several --init-strength values trade
+    (
+        "label fidelity: median NME (% inter-pupil)",
+        _at("attributes", "label_fidelity", "nme", "median"),
+    ),
+    (
+        "label fidelity: yaw MAE (degrees)",
+        _at("attributes", "label_fidelity", "pose", "yaw", "mae"),
     ),
 )
 

@@ -159,6 +159,7 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
     ]
     parts += _gap_section(report, report_dir, embed_images)
     parts += _pose_section(report, report_dir, embed_images)
+    parts += _attributes_section(report, report_dir, embed_images)
     parts.append("<h2>Contact sheets</h2>")
     for name in report.get("contact_sheets", []):
         src = _image_src(report_dir / name, embed_images)
@@ -205,6 +206,124 @@ def _pose_section(report: dict[str, Any], report_dir: Path, embed_images: bool) 
         ),
         f"<p><img src='{src}' alt='pose'></p>",
     ]
+
+
+def _text(value: Any) -> str:
+    """A user-given value (an attribute name, a --where or --balance string), escaped."""
+    return html_lib.escape("-" if value is None else str(value))
+
+
+def _attributes_section(report: dict[str, Any], report_dir: Path, embed_images: bool) -> list[str]:
+    section = report.get("attributes")
+    if not section:
+        return []
+    parts = [
+        "<h2>Attributes</h2>",
+        f"<p>origin {_text(section.get('origin'))}; carried: "
+        f"{_text(', '.join(section.get('columns') or []) or 'none')}; geometry "
+        f"{_text(section.get('geometry'))}; where <code>{_text(section.get('where'))}</code>; "
+        f"balance <code>{_text(section.get('balance_spec'))}</code></p>",
+        f"<p>{_text(section.get('note'))}</p>",
+    ]
+    stats = ("count", "mean", "std", "min", "max")
+    rows = []
+    for name, figures in section.get("numeric", {}).items():
+        for side in ("sources", "outputs"):
+            summary = figures.get(side) or {}
+            rows.append((name, figures["kind"], side, *(summary.get(k, "") for k in stats)))
+    if rows:
+        parts.append(_table(("attribute", "kind", "population", *stats), rows))
+    if section.get("png"):
+        src = _image_src(report_dir / section["png"], embed_images)
+        parts.append(f"<p><img src='{src}' alt='attributes'></p>")
+    parts += _balance_part(section.get("balance"))
+    parts += _fidelity_part(section.get("label_fidelity"))
+    for name in section.get("landmark_sheets", []):
+        src = _image_src(report_dir / name, embed_images)
+        parts.append(f"<p><img src='{src}' alt='{html_lib.escape(name)}'></p>")
+    return parts
+
+
+def _balance_part(balance: dict[str, Any] | None) -> list[str]:
+    if not balance:
+        return []
+    parts = [f"<h3>Balance <code>{_text(balance['spec'])}</code></h3>"]
+    if balance.get("skipped"):
+        return [*parts, f"<p>{_text(balance['skipped'])}</p>"]
+    parts.append(
+        _table(
+            ("bin", "requested share", "outputs", "achieved share"),
+            [(b["bin"], b["requested_share"], b["outputs"], b["share"]) for b in balance["bins"]],
+        )
+    )
+    reasons = balance["uneven_reasons"]
+    why = (
+        f"no render in a bin: {reasons['no_render_in_a_bin']}, with rejected targets: "
+        f"{reasons['rejected_targets']}, unexplained: {reasons['unexplained']}"
+        if reasons
+        else "why is unknown: the rejected targets' renders are not recorded"
+    )
+    parts.append(
+        f"<p>{balance['outside_bins']} output(s) in no bin. {balance['uneven_identities']} of "
+        f"{balance['identities']} identities have per-bin counts differing by more than 1 "
+        f"({why}). {_text(balance['note'])}</p>"
+    )
+    if balance["uneven_examples"]:
+        parts.append(
+            _table(
+                ("identity", "label", "outputs per bin", "planned per bin", "rejected"),
+                [
+                    (
+                        e["identity"],
+                        e["label"],
+                        " / ".join(map(str, e["outputs"])),
+                        " / ".join(map(str, e["planned"])),
+                        e["rejected"],
+                    )
+                    for e in balance["uneven_examples"]
+                ],
+            )
+        )
+    return parts
+
+
+def _fidelity_part(fidelity: dict[str, Any] | None) -> list[str]:
+    if not fidelity:
+        return []
+    parts = ["<h3>Label fidelity</h3>"]
+    nme = fidelity.get("nme")
+    if nme:
+        columns = ("count", "missing", "mean", "median", "p90", "max")
+        shares = [k for k in nme if k.startswith("share_below_")]
+        parts.append(
+            _table(
+                ("NME, % inter-pupil", *columns, *(k.replace("_", " ") + "%" for k in shares)),
+                [("outputs", *(nme.get(k, "") for k in (*columns, *shares)))],
+            )
+        )
+    pose = fidelity.get("pose") or {}
+    if pose:
+        parts.append(
+            _table(
+                ("axis", "measured", "against", "reference", "pairs", "MAE", "mean diff", "r"),
+                [
+                    (
+                        axis,
+                        f["measured"],
+                        f["column"],
+                        f["reference"],
+                        f["count"],
+                        f["mae"],
+                        f["mean_difference"],
+                        f["correlation"],
+                    )
+                    for axis, f in pose.items()
+                ],
+            )
+        )
+        parts.append(f"<p>{_text(fidelity.get('pose_note'))}</p>")
+    parts.append(f"<p class='notice'>{_text(fidelity['cannot_tell'])}</p>")
+    return parts
 
 
 def _gap_rows(space: str, figures: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -35,6 +35,8 @@ def format_report(result: dict[str, Any], out: Path) -> str:
     for space, figures in (result.get("domain_gap") or {}).items():
         if figures:
             lines.append(_gap_line(space, figures))
+    if result.get("attributes"):
+        lines += _attribute_lines(result["attributes"])
     if result.get("notice"):
         lines.append(f"NOTE: {result['notice']}")
     lines.append(f"report: {OutLayout(out).report}")
@@ -57,3 +59,31 @@ def _gap_line(space: str, figures: dict[str, Any]) -> str:
         f" (closed {_number(closed)}), KID sources {_number(sources.get('kid'))} -> "
         f"outputs {_number(outputs['kid'])} ± {_number(outputs['kid_std'])}"
     )
+
+
+def _attribute_lines(section: dict[str, Any]) -> list[str]:
+    """What a run carrying attributes made of them: what is carried, label fidelity, balance."""
+    names = section.get("columns") or []
+    shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    lines = [f"attributes carried ({section.get('origin')}): {shown or 'none'}"]
+    fidelity = section.get("label_fidelity") or {}
+    parts = []
+    nme = fidelity.get("nme") or {}
+    if nme.get("count"):
+        parts.append(
+            f"NME median {_number(nme['median'])}% of inter-pupil distance, "
+            f"{_number(100 * nme['share_below_5'])}% of outputs under 5%"
+        )
+    yaw = (fidelity.get("pose") or {}).get("yaw")
+    if yaw and yaw.get("mae") is not None:
+        parts.append(f"yaw MAE {_number(yaw['mae'])} deg vs {yaw['reference']}")
+    if parts:
+        lines.append("label fidelity: " + "; ".join(parts))
+    balance = section.get("balance")
+    if balance and not balance.get("skipped"):
+        per_bin = " / ".join(str(b["outputs"]) for b in balance["bins"])
+        lines.append(
+            f"balance {balance['spec']}: outputs per bin {per_bin} (requested even); "
+            f"{balance['uneven_identities']} of {balance['identities']} identities uneven"
+        )
+    return lines
