@@ -6,7 +6,9 @@ that shard; without ``@`` for every shard). Kinds:
 - ``kill`` (default): SIGKILL this process, as a power cut or the OOM killer would;
 - ``exit``: ``os._exit`` with :data:`EXIT_CODE`, a worker dying without any clean-up;
 - ``raise``: :class:`InjectedFault`, an ordinary per-shard error;
-- ``enospc`` / ``erofs``: ``OSError`` with that errno, as a full or read-only disk reports.
+- ``enospc`` / ``erofs``: ``OSError`` with that errno, as a full or read-only disk reports;
+- ``stall``: sleep for an hour, as a slow model load or a long shard does (the driver-death
+  tests kill the driver meanwhile).
 
 ``DIGI2REAL_FAULT_ONCE=<path>`` makes the fault transient: it fires only in the first process
 that manages to create ``<path>`` (exclusively), so a retried shard then succeeds.
@@ -18,12 +20,14 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 ENV = "DIGI2REAL_FAULT"
 ENV_PREFIX = "DIGI2REAL_"  # settings every worker sees as the driver does
 LOG_LEVEL_ENV = "DIGI2REAL_LOG_LEVEL"  # the driver's log level (-v), for its workers
 ONCE_ENV = "DIGI2REAL_FAULT_ONCE"
-KINDS = ("kill", "exit", "raise", "enospc", "erofs")
+KINDS = ("kill", "exit", "raise", "enospc", "erofs", "stall")
+STALL_SECONDS = 3600
 EXIT_CODE = 70
 POINTS = (
     "worker-start",  # a local worker or Ray actor about to load its models
@@ -67,6 +71,8 @@ def point(name: str, shard: int | None = None) -> None:
         os._exit(EXIT_CODE)
     elif kind == "raise":
         raise InjectedFault(f"injected fault at {name} (shard {shard})")
+    elif kind == "stall":
+        time.sleep(STALL_SECONDS)
     else:
         code = errno.ENOSPC if kind == "enospc" else errno.EROFS
         raise OSError(code, f"injected {os.strerror(code)} at {name} (shard {shard})")

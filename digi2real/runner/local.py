@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,8 +32,9 @@ from digi2real.runner.shard import ShardResult, ShardRunner
 
 logger = logging.getLogger(__name__)
 
-# how often an idle worker checks that its driver is still alive
+# how often a worker checks that its driver is still alive
 _POLL_SECONDS = 0.5
+EXIT_ORPHANED = 3  # a worker whose driver died
 
 
 def run_in_process(
@@ -95,6 +99,7 @@ def _worker_main(
     # Ctrl-C reaches the whole process group: the driver alone decides (it stops the workers;
     # committed shards stay, a re-run resumes), so a worker prints no traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_driver()
     # a forkserver child inherits the server's environment, not the driver's
     faults.adopt_environment(env)
     faults.configure_worker_logging()
@@ -129,6 +134,22 @@ def _worker_main(
             outbox.put(("error", worker_id, shard, message))
             continue
         outbox.put(("done", worker_id, shard, result))
+
+
+def _exit_with_driver() -> None:
+    """A watchdog thread that ends this worker within ``_POLL_SECONDS`` of its driver's death,
+    whatever the worker is doing (loading models, in a shard's C code): a driver killed with
+    SIGKILL cannot tell its workers, and they must not linger."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while parent.is_alive():
+            time.sleep(_POLL_SECONDS)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="driver-watchdog", daemon=True).start()
 
 
 @dataclass
