@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -319,6 +320,14 @@ class Digi2Real:
         ]
         return AugmentResult(images, rejected_rows, embeddings)
 
+    @functools.cached_property
+    def _attribute_models(self) -> Any:
+        """The optional attribute models the weights dir holds (None: none)."""
+        from digi2real.face.attribute_models import AttributeModels
+
+        models = AttributeModels(self.engine.weights, self.engine.device)
+        return models if models.available else None
+
     def _attribute_values(
         self,
         labels: list[str],
@@ -332,7 +341,7 @@ class Digi2Real:
         for label in labels:
             image = sources[label]
             image = load_image(image) if isinstance(image, str | Path) else np.asarray(image)
-            row = dict(estimate_attributes(image, self.engine.detector))
+            row = dict(estimate_attributes(image, self.engine.detector, self._attribute_models))
             for name, value in (given.get(label) or {}).items():
                 if name.endswith(ESTIMATE_SUFFIX) or not str(name).isidentifier():
                     raise ValueError(f"attributes: {name!r} is not a usable attribute name")

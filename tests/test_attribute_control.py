@@ -255,6 +255,7 @@ def test_estimates_are_cached_and_balance_needs_edges_for_them(
     assert rows and all(0 <= row["brightness_est"] <= 255 for row in rows)
     assert all(row["sharpness_est"] >= 0 for row in rows)
     assert all(row["yaw_est"] is None for row in rows)  # the tiny detector finds no face
+    assert all(row["age_est"] is None for row in rows)  # the tiny profile has genderage
     caches = list((OutLayout(out).state / layout.CACHE).glob("*-estimates.parquet"))
     assert caches
     with pytest.raises(attrs.AttributeSpecError, match="give the bin edges"):

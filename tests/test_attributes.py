@@ -228,3 +228,17 @@ def test_five_points_and_nme() -> None:
     assert geometry.nme(five + [interpupil * 0.1, 0.0], points) == pytest.approx(10.0)
     sixty_eight = geometry.five_points(points[:68])
     np.testing.assert_allclose(sixty_eight[1], points[42:48].mean(axis=0))
+
+
+def test_model_estimates_need_their_model() -> None:
+    config = Config().override({"attributes.where": "age_est > 30"})
+    with pytest.raises(attrs.AttributeSpecError, match="--with genderage"):
+        attrs.resolve_control(config, attrs.SourceAttributes(), models=("landmarks3d",))
+    control = attrs.resolve_control(config, attrs.SourceAttributes(), models=("genderage",))
+    assert control.estimate_names == [*attrs.ESTIMATES, "age_est", "gender_est"]
+    assert attrs.estimates_wanted(config)
+    assert not attrs.estimates_wanted(Config().override({"attributes.where": "yaw > 1"}))
+    plain = attrs.resolve_control(
+        Config().override({"attributes.estimate": True}), attrs.SourceAttributes(), models=()
+    )
+    assert plain.estimate_names == list(attrs.ESTIMATES)

@@ -152,7 +152,7 @@ def test_package_manifest_is_complete_and_honest():
             assert source["url"].startswith("https://") and source["manual"]
         # a stand-in replaces a file of the manifest; an optional file has a --with name
         assert entry.get("alternative_to") in (None, *paths)
-        assert entry.get("optional") in (None, "lcm", "tcd", "taesd")
+        assert entry.get("optional") in (None, "lcm", "tcd", "taesd", "landmarks3d", "genderage")
     # every file a new user needs is fetched by `weights download`: none is manual-only
     required = [f for f in files if not f.get("optional") and not f.get("alternative_to")]
     assert all(f["source"]["type"] in ("huggingface", "url") for f in required)

@@ -56,7 +56,8 @@ def register(sub: Any) -> None:
                 dest="with_",
                 metavar="LIST",
                 help="optional components too: comma list of lcm (LCM-LoRA), tcd (TCD-LoRA), "
-                "taesd (tiny decoder), or all (preset fast4 needs lcm,taesd)",
+                "taesd (tiny decoder), landmarks3d (1k3d68: *_3d_est pose), genderage "
+                "(age_est, gender_est), or all (preset fast4 needs lcm,taesd)",
             )
         if name == "tiny":
             q.add_argument("--seed", type=int, default=0)

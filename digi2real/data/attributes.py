@@ -39,6 +39,13 @@ ESTIMATES = (
     "sharpness_est",
     "brightness_est",
 )
+# computed by the optional buffalo_l models a weights dir may hold (face/attribute_models.py),
+# by weights group
+MODEL_ESTIMATES: dict[str, tuple[str, ...]] = {
+    "landmarks3d": ("yaw_3d_est", "pitch_3d_est", "roll_3d_est"),
+    "genderage": ("age_est", "gender_est"),
+}
+ALL_ESTIMATES = ESTIMATES + tuple(n for names in MODEL_ESTIMATES.values() for n in names)
 # measured on each output, in its manifest row
 OUTPUT_YAW, OUTPUT_PITCH = "output_yaw_est", "output_pitch_est"
 NME = "landmark_nme"
@@ -505,6 +512,14 @@ class Control:
     edges: tuple[float, ...] | None = None
     estimates: bool = False
     geometry: bool = False
+    models: tuple[str, ...] = ()  # the optional attribute models (MODEL_ESTIMATES) used
+
+    @property
+    def estimate_names(self) -> list[str]:
+        """The ``*_est`` columns of the run's source images."""
+        if not self.estimates:
+            return []
+        return list(ESTIMATES) + [n for group in self.models for n in MODEL_ESTIMATES[group]]
 
     @property
     def active(self) -> bool:
@@ -517,15 +532,14 @@ class Control:
 
     @property
     def scalar_names(self) -> list[str]:
-        return self.attributes.names + (list(ESTIMATES) if self.estimates else [])
+        return self.attributes.names + self.estimate_names
 
     def fields(self) -> list[pa.Field]:
         """The manifest columns this run adds (after the fixed ones), in order."""
         if not self.active:
             return []
         fields = [pa.field(n, self.attributes.columns[n]) for n in self.attributes.names]
-        if self.estimates:
-            fields += [pa.field(n, pa.float64()) for n in ESTIMATES]
+        fields += [pa.field(n, pa.float64()) for n in self.estimate_names]
         fields.append(pa.field(ATTRIBUTES_FROM, pa.string()))
         if self.geometry:
             fields += [
@@ -538,15 +552,19 @@ class Control:
 
 
 def resolve_control(
-    config: Any, attributes: SourceAttributes, edges: tuple[float, ...] | None = None
+    config: Any,
+    attributes: SourceAttributes,
+    edges: tuple[float, ...] | None = None,
+    models: tuple[str, ...] = (),
 ) -> Control:
     """The :class:`Control` of ``config`` (a :class:`~digi2real.config.Config`) over
-    ``attributes``; a ``where`` or ``balance`` naming an unknown attribute is an
+    ``attributes``, with the optional attribute ``models`` the weights dir holds; a ``where``
+    or ``balance`` naming an unknown attribute, or an estimate whose model is absent, is an
     :class:`~digi2real.data.expression.ExpressionError` / :class:`AttributeSpecError`."""
     from digi2real.data.expression import parse_expression
 
     options = config.attributes
-    known = attributes.names + list(ESTIMATES)
+    known = attributes.names + list(ALL_ESTIMATES)
     where = parse_expression(options.where, known=known) if options.where else None
     balance = Balance.parse(options.balance) if options.balance else None
     named = set(where.names if where is not None else ())
@@ -561,14 +579,35 @@ def resolve_control(
                 f"--balance: unknown attribute {balance.column!r}{hint}; known: " + ", ".join(known)
             )
         named.add(balance.column)
-    estimates = options.estimate or any(name in ESTIMATES for name in named)
+    for group, names in MODEL_ESTIMATES.items():
+        missing = sorted(named & set(names))
+        if missing and group not in models:
+            raise AttributeSpecError(
+                f"{', '.join(missing)} come(s) from the optional {group} model, which the "
+                f"weights dir does not hold: digi2real weights download --with {group}"
+            )
+    estimates = options.estimate or bool(named & set(ALL_ESTIMATES))
     has_geometry = bool(attributes.landmarks or attributes.segmentation)
     if options.geometry == "carry" and not has_geometry:
         raise AttributeSpecError(
             "attributes.geometry = 'carry', but the source has no landmarks or masks to carry"
         )
     geometry = options.geometry != "off" and has_geometry and config.generation.init_strength > 0
-    return Control(attributes, where, balance, edges, estimates, geometry)
+    used = tuple(group for group in MODEL_ESTIMATES if group in models) if estimates else ()
+    return Control(attributes, where, balance, edges, estimates, geometry, used)
+
+
+def estimates_wanted(config: Any) -> bool:
+    """Whether a run estimates its source images: ``attributes.estimate``, or an ``_est``
+    name in ``where`` or ``balance`` (what :func:`resolve_control` decides, without the
+    sources)."""
+    from digi2real.data.expression import parse_expression
+
+    options = config.attributes
+    named = set(parse_expression(options.where).names) if options.where else set()
+    if options.balance:
+        named.add(Balance.parse(options.balance).column)
+    return options.estimate or any(name.endswith(ESTIMATE_SUFFIX) for name in named)
 
 
 def column_values(attributes: SourceAttributes, name: str, paths: list[str]) -> np.ndarray:

@@ -7,7 +7,10 @@ ends in ``_est`` (:data:`digi2real.data.attributes.ESTIMATES`).
 - ``face_size_est`` (pixels): the detected box's side, sqrt(width x height), in the image as
   it is on disk;
 - ``sharpness_est``: the variance of the grey image's Laplacian (3x3), higher is sharper;
-- ``brightness_est``: the mean grey level, 0-255 (ITU-R BT.601 weights).
+- ``brightness_est``: the mean grey level, 0-255 (ITU-R BT.601 weights);
+- with the optional buffalo_l models (:mod:`digi2real.face.attribute_models`), when the weights
+  dir holds them: ``yaw_3d_est``, ``pitch_3d_est``, ``roll_3d_est`` (1k3d68's 68 3D
+  landmarks), ``age_est`` and ``gender_est`` (genderage).
 
 The detector pads the image, so aligned 112x112 crops are found. Where no face is found the
 face attributes are missing (None); sharpness and brightness are always measured.
@@ -32,8 +35,12 @@ def image_quality(image_rgb: np.ndarray) -> dict[str, float]:
     }
 
 
-def estimate_attributes(image_rgb: np.ndarray, detector: Any) -> dict[str, float | None]:
-    """Every estimate of one RGB image; ``detector`` a :class:`~digi2real.face.detect.FaceDetector`."""
+def estimate_attributes(
+    image_rgb: np.ndarray, detector: Any, models: Any = None
+) -> dict[str, float | None]:
+    """Every estimate of one RGB image; ``detector`` a
+    :class:`~digi2real.face.detect.FaceDetector`, ``models`` the optional
+    :class:`~digi2real.face.attribute_models.AttributeModels` (their estimates join in)."""
     values: dict[str, float | None] = {
         "yaw_est": None,
         "pitch_est": None,
@@ -41,8 +48,10 @@ def estimate_attributes(image_rgb: np.ndarray, detector: Any) -> dict[str, float
         "face_size_est": None,
     }
     detections = detector.detect(image_rgb)
-    if detections:
-        best = detections[0]
+    best = detections[0] if detections else None
+    if models is not None:
+        values.update(models.estimate(image_rgb, best))
+    if best is not None:
         kps = np.asarray(best.kps, np.float64)
         values["yaw_est"], values["pitch_est"] = estimate_pose(kps)
         values["roll_est"] = roll_from_eyes(kps)

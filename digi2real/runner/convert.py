@@ -12,7 +12,7 @@ from typing import Any
 
 from digi2real.config import Config
 from digi2real.data import fsio, ownership
-from digi2real.data.attributes import check_options
+from digi2real.data.attributes import MODEL_ESTIMATES, check_options, estimates_wanted
 from digi2real.data.layout import OutLayout
 from digi2real.data.node_cache import local_file
 from digi2real.data.store import ObjectPath, check_readable, location
@@ -24,7 +24,7 @@ from digi2real.runner.finalize import Summary, environment, finalize
 from digi2real.runner.local import run_in_process, run_workers
 from digi2real.runner.nodes import NodeSplit, node_split
 from digi2real.runner.outcome import RunOutcome
-from digi2real.runner.plan import Plan, make_plan, prepare_out
+from digi2real.runner.plan import Plan, attribute_models, make_plan, prepare_out
 from digi2real.runner.shard import ShardResult
 from digi2real.weights import open_weights, sha256_file, verify
 from digi2real.weights.manifest import groups_for, lora_groups
@@ -51,6 +51,12 @@ def derived_fields(config: Config) -> dict[str, Any]:
     if gen.decoder == "tiny" and weights is not None:
         weights.require("taesd")
         derived["taesd_digest"] = weights.file_digest("taesd")
+    if weights is not None and estimates_wanted(config):
+        # optional files are outside the weights digest: a model fetched later must not
+        # change a run's estimates halfway
+        derived["attribute_models"] = {
+            group: weights.file_digest(group) for group in MODEL_ESTIMATES if weights.has(group)
+        }
     if config.shift.enabled:
         for name in ("real_stats", "synthetic_stats"):
             path = getattr(config.shift, name)
@@ -316,7 +322,8 @@ def convert(
     )
     # the licence chain and config.yaml list the files this run used, optional ones included
     gen = config.generation
-    used = weights.files_for(groups_for(gen.lora, gen.decoder))
+    models = attribute_models(config) if estimates_wanted(config) else ()
+    used = weights.files_for(groups_for(gen.lora, gen.decoder) + models)
     lora = describe_lora(config, weights)
     if lora is not None and lora["component"] is None:
         # a LoRA file of the user's: in the licence chain, its licence unknown to us

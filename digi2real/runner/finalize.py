@@ -39,7 +39,7 @@ from digi2real.data.manifest import (
 from digi2real.data.store import ObjectPath, files_under, location
 from digi2real.data.writers.assemble import assemble_formats
 from digi2real.runner import faults
-from digi2real.runner.plan import Plan
+from digi2real.runner.plan import Plan, attribute_models
 from digi2real.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def _finalize(
     # a killed Ray driver's attempt markers, whatever runner resumed its output
     fsio.remove_tree(paths.state / layout.ATTEMPTS)
     manifests, rejected, errors, outputs, targets = [], [], [error_table(plan.errors)], [], []
-    control = resolve_control(config, plan.attributes, plan.edges)
+    control = resolve_control(config, plan.attributes, plan.edges, attribute_models(config))
     schema = manifest_schema(control.fields())
     for shard in range(len(plan.shards)):
         part = paths.shard(shard)

@@ -91,13 +91,25 @@ def make_plan(config: Config) -> Plan:
     return Plan(root, shards, errors, attributes, edges)
 
 
+def attribute_models(config: Config) -> tuple[str, ...]:
+    """The optional attribute models (buffalo_l's 1k3d68, genderage) ``config``'s weights dir
+    holds; none without weights."""
+    if config.weights is None:
+        return ()
+    from digi2real.weights import open_weights
+
+    weights = open_weights(config.weights)
+    return tuple(group for group in attrs.MODEL_ESTIMATES if weights.has(group))
+
+
 def balance_edges(
     config: Config, attributes: attrs.SourceAttributes, images: list[str]
 ) -> tuple[float, ...] | None:
     """``--balance``'s bin edges, fixed for the whole run (so no output depends on sharding):
     explicit, or equal widths over the planned images' ground truth (those a ``--where`` on
     ground truth keeps). An estimate is known only as shards run: it needs explicit edges."""
-    control = attrs.resolve_control(config, attributes)  # checks where and balance
+    # checks where and balance
+    control = attrs.resolve_control(config, attributes, models=attribute_models(config))
     balance = control.balance
     if balance is None:
         return None
@@ -157,8 +169,13 @@ def prepare_out(
     out = location(out)
     paths = OutLayout(out)
     record = run_record(config, derived)
-    if overwrite and out.exists():
-        ownership.clear(out, delete_foreign=delete_foreign)
+    if overwrite or not paths.run_json.is_file():
+        # SRC is read before OUT is touched: a source that cannot be planned refuses the run
+        # with OUT as it was
+        plan = make_plan(config)
+        if overwrite and out.exists():
+            ownership.clear(out, delete_foreign=delete_foreign)
+        return _new_run(out, plan, record)
     if paths.run_json.is_file():
         old = json.loads(paths.run_json.read_text(encoding="utf-8"))
         diffs = output_differences(old["config"], record["config"])
@@ -174,12 +191,17 @@ def prepare_out(
                 + "\nuse another OUT, or --overwrite to start over"
             )
         return load_plan(out, config)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _new_run(out: Path | ObjectPath, plan: Plan, record: dict[str, Any]) -> Plan:
+    """Persist a new run's plan in ``out`` (which holds nothing but digi2real's files)."""
+    paths = OutLayout(out)
     if out.exists() and (foreign := ownership.foreign_files(out)):
         raise ValueError(
             f"{out} exists and is not a digi2real output (it holds {', '.join(foreign[:3])}"
             f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new dir"
         )
-    plan = make_plan(config)
     write_parquet(paths.plan, plan_table(plan))
     write_parquet(paths.plan_errors, error_table(plan.errors))
     if plan.attributes or plan.edges is not None:

@@ -43,7 +43,7 @@ from digi2real.face.images import embed_images
 from digi2real.pipeline.identity_filter import Accepted, Pending, generate_with_retries
 from digi2real.pipeline.interpolate import Target, plan_identity
 from digi2real.runner import faults
-from digi2real.runner.plan import load_attributes
+from digi2real.runner.plan import attribute_models, load_attributes
 from digi2real.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,16 @@ class ShardRunner:
     def control(self) -> attrs.Control:
         """The run's attribute options over its planned ground truth."""
         attributes, edges = load_attributes(self.out)
-        return attrs.resolve_control(self.config, attributes, edges)
+        return attrs.resolve_control(self.config, attributes, edges, attribute_models(self.config))
+
+    @functools.cached_property
+    def attribute_models(self) -> Any:
+        """The optional attribute models the run uses (None: none), on the engine's device."""
+        if not self.control.models:
+            return None
+        from digi2real.face.attribute_models import AttributeModels
+
+        return AttributeModels(self.engine.weights, self.engine.device)
 
     def estimates(self, shard: int, paths: list[str]) -> dict[str, dict[str, Any]]:
         """Every ``*_est`` attribute of the shard's usable images, cached per shard."""
@@ -198,18 +207,21 @@ class ShardRunner:
         if cache.is_file():
             rows = read_table(cache).to_pylist()
             found = {row.pop("path"): row for row in rows}
-            if set(paths) <= set(found):
+            names = set(self.control.estimate_names)
+            if set(paths) <= set(found) and all(names <= set(row) for row in found.values()):
                 return found
         found = {}
         readable = local_files([self.source_root / p for p in paths], folder="source")
         for relative, local in zip(paths, readable, strict=True):
-            found[relative] = estimate_attributes(load_image(local), self.engine.detector)
+            found[relative] = estimate_attributes(
+                load_image(local), self.engine.detector, self.attribute_models
+            )
         table = pa.table(
             {
                 "path": pa.array(sorted(found), pa.string()),
                 **{
                     name: pa.array([found[p][name] for p in sorted(found)], pa.float64())
-                    for name in attrs.ESTIMATES
+                    for name in self.control.estimate_names
                 },
             }
         )
@@ -226,7 +238,7 @@ class ShardRunner:
         }
         if control.estimates:
             found = self.estimates(shard, paths)
-            for name in attrs.ESTIMATES:
+            for name in control.estimate_names:
                 columns[name] = np.array(
                     [np.nan if found[p][name] is None else found[p][name] for p in paths],
                     np.float64,

@@ -37,11 +37,12 @@ def download(
     root: str | Path, *, token: str | None = None, with_: tuple[str, ...] | list[str] = ()
 ) -> VerifyResult:
     """Fetch every file of the package manifest a run needs into ``root``, plus the optional
-    components named in ``with_`` (lcm, tcd, taesd), resumably: files already present with a
-    recorded checksum are kept. Pickled checkpoints are converted to safetensors once; the
-    SCRFD detector is extracted from insightface's buffalo_l pack. Writes ``face.json`` and
-    ``manifest.json``. A file placed by hand (antelopev2's detector) is recorded when present
-    and then stands in for the one it replaces."""
+    components named in ``with_`` (lcm, tcd, taesd, landmarks3d, genderage), resumably: files
+    already present with a recorded checksum are kept. Pickled checkpoints are converted to
+    safetensors once; the SCRFD detector and the optional 3D landmark and gender/age models
+    are extracted from insightface's buffalo_l pack, downloaded once for all of them. Writes
+    ``face.json`` and ``manifest.json``. A file placed by hand (antelopev2's detector) is
+    recorded when present and then stands in for the one it replaces."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     wanted = set(check_groups(list(with_)))
@@ -59,6 +60,8 @@ def download(
         if e.get("alternative_to") and (root / e["path"]).is_file()
     }
     entries: list[dict[str, Any]] = []
+    # a pack (buffalo_l.zip) holds several files of the manifest: fetched once per run
+    packs: dict[str, tuple[Path, str]] = {}
     for meta in package:
         rel = meta["path"]
         target = root / rel
@@ -76,12 +79,18 @@ def download(
             if target.is_file():  # fetched earlier, or placed by hand
                 entries.append(entry_for(root, rel, meta))
             continue
-        fetched = _fetch(source, root / ".download", token)
-        source_sha = sha256_file(fetched)
+        member = source.get("member")
+        if member and source["url"] in packs:
+            fetched, source_sha = packs[source["url"]]
+        else:
+            fetched = _fetch(source, root / ".download", token)
+            source_sha = sha256_file(fetched)
+            if member:
+                packs[source["url"]] = (fetched, source_sha)
         if source.get("convert") == "torch-bin-to-safetensors":
             convert_bin_to_safetensors(fetched, target)
-        elif source.get("member"):
-            _extract(fetched, source["member"], target)
+        elif member:
+            _extract(fetched, member, target)
         else:
             # the download dir is ours and on the same file system: a rename, not a 3 GB copy
             fsio.publish(fetched, target)

@@ -13,10 +13,12 @@ A weights dir (``DIR``) has the same layout for both profiles::
     DIR/arcface.onnx                  ArcFace recognizer (N,3,112,112) -> (N,D)
     DIR/det_10g.onnx                  SCRFD-10GF detector (buffalo_l; or antelopev2's
                                       scrfd_10g_bnkps.onnx placed by hand: face.json names it)
-  optional (``weights download --with lcm,tcd,taesd``):
+  optional (``weights download --with lcm,tcd,taesd,landmarks3d,genderage``):
     DIR/lcm-lora/pytorch_lora_weights.safetensors                    LCM-LoRA (sampler lcm)
     DIR/tcd-lora/pytorch_lora_weights.safetensors                    TCD-LoRA (sampler tcd)
     DIR/taesd/{config.json,diffusion_pytorch_model.safetensors}      AutoencoderTiny (decoder tiny)
+    DIR/1k3d68.onnx                   68 landmarks in 3D, head pose (buffalo_l; landmarks3d)
+    DIR/genderage.onnx                apparent gender and age (buffalo_l; genderage)
 
 A dir's ``digest`` covers the files every run needs, not the optional ones: fetching an optional
 component later does not change it (runs that use one record that file's own digest).
@@ -150,7 +152,8 @@ class WeightsDir:
         return self.root / "taesd"
 
     def has(self, group: str) -> bool:
-        """Whether the optional component ``group`` (lcm, tcd, taesd) is in this dir."""
+        """Whether the optional component ``group`` (lcm, tcd, taesd, landmarks3d, genderage)
+        is in this dir."""
         return any(f.get("optional") == group for f in self.files)
 
     def require(self, group: str) -> None:

@@ -39,13 +39,19 @@ logger = logging.getLogger(__name__)
 
 def build_tiny(root: str | Path, *, seed: int = 0, force: bool = False) -> WeightsDir:
     """Build the tiny profile in ``root`` (seconds, a few MB): every file of the real profile,
-    the optional components (LCM-LoRA, TCD-LoRA, TAESD) included."""
+    the optional components (LCM-LoRA, TCD-LoRA, TAESD, the 3D landmark and gender/age models)
+    included."""
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from safetensors.torch import save
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from digi2real.weights.tiny_face import export_tiny_detector, export_tiny_recognizer
+    from digi2real.weights.tiny_face import (
+        export_tiny_detector,
+        export_tiny_genderage,
+        export_tiny_landmark_3d,
+        export_tiny_recognizer,
+    )
     from digi2real.weights.tiny_lora import random_lora
 
     root = Path(root).expanduser()
@@ -96,6 +102,14 @@ def build_tiny(root: str | Path, *, seed: int = 0, force: bool = False) -> Weigh
         if e["component"] == "detector" and not e.get("alternative_to")
     ]
     export_tiny_detector(root / detector, input_size=TINY_DETECTOR_SIZE, seed=seed)
+    # buffalo_l's attribute models: built always, like the other optional components (~40 KB,
+    # milliseconds)
+    for group, export in (
+        ("landmarks3d", export_tiny_landmark_3d),
+        ("genderage", export_tiny_genderage),
+    ):
+        [rel] = [p for p, e in package.items() if e.get("optional") == group]
+        export(root / rel, seed=seed)
     for offset, (group, layout) in enumerate(sorted(LORA_KEY_FORMATS.items()), start=1):
         [rel] = [
             p

@@ -1,8 +1,11 @@
-"""Random-weight ONNX stand-ins for ArcFace and SCRFD (the tiny weights profile).
+"""Random-weight ONNX stand-ins for ArcFace and SCRFD (the tiny weights profile), and for
+buffalo_l's optional 3D landmark (``1k3d68.onnx``) and gender/age (``genderage.onnx``) models.
 
-Both are exported with torch's dynamo-based ONNX exporter (the default since torch 2.9;
-the TorchScript exporter is deprecated), weights embedded in the file, from modules
-initialised by a seeded generator so that the same seed gives the same bytes.
+ArcFace and SCRFD are exported with torch's dynamo-based ONNX exporter (the default since
+torch 2.9; the TorchScript exporter is deprecated), weights embedded in the file, from modules
+initialised by a seeded generator so that the same seed gives the same bytes. The two attribute
+models are a pooling and a projection each, written directly with onnx's graph helpers (an
+export would cost seconds; these take milliseconds), weights from a seeded numpy generator.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from digi2real.data import fsio
@@ -210,3 +215,138 @@ def tiny_face_specs(*, detector_input_size: int = 160) -> tuple[RecognizerSpec, 
     recognizer = RecognizerSpec()
     detector = DetectorSpec(input_size=detector_input_size, fallback="center_crop")
     return recognizer, detector
+
+
+# -- buffalo_l's optional attribute models: 1k3d68.onnx and genderage.onnx -------------------
+#
+# insightface's ``Landmark`` and ``Attribute`` read everything from the model: the input size
+# from its (N, 3, S, S) input, the task from its one output's width (3309 = 1103 points x 3,
+# of which the last 68 are the iBUG-68 landmarks in 3D; 3 = two gender logits and age / 100)
+# and the input normalisation from the first nodes' names (no Sub/Mul among them: the class
+# feeds (x - 127.5) / 128). These two are written with onnx's graph helpers, not exported from
+# torch: a handful of nodes each, built in milliseconds, so the tiny profile always has them.
+
+LANDMARK_3D_INPUT = 192
+LANDMARK_3D_OUTPUT = 3309  # 1103 points x 3; insightface keeps the last 68
+LANDMARK_3D_POINTS = 68
+GENDERAGE_INPUT = 96
+ATTRIBUTE_POOL_CELLS = 4  # the image is averaged down to 4 x 4 cells before the projection
+TINY_LANDMARK_3D_STD = 0.05  # how far (normalised crop units) pooled pixels move the points
+TINY_GENDERAGE_STD = 0.5
+_ONNX_OPSET = 17
+_ONNX_IR_VERSION = 8  # (onnx 1.10): old onnxruntime releases read it too
+
+
+def _pooled_projection(
+    input_size: int, weight: np.ndarray, bias: np.ndarray
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes ``data`` -> ``projected`` (N, out): average over 4 x 4 cells, flatten, Gemm."""
+    cell = input_size // ATTRIBUTE_POOL_CELLS
+    nodes = [
+        helper.make_node(
+            "AveragePool",
+            ["data"],
+            ["pooled"],
+            name="pool",
+            kernel_shape=[cell, cell],
+            strides=[cell, cell],
+        ),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
+        helper.make_node(
+            "Gemm", ["flat", "weight", "bias"], ["projected"], name="projection", transB=1
+        ),
+    ]
+    initializers = [
+        numpy_helper.from_array(weight.astype(np.float32), "weight"),
+        numpy_helper.from_array(bias.astype(np.float32), "bias"),
+    ]
+    return nodes, initializers
+
+
+def _write_graph(
+    path: Path,
+    name: str,
+    input_size: int,
+    output_width: int,
+    nodes: list[onnx.NodeProto],
+    initializers: list[onnx.TensorProto],
+) -> Path:
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info(
+                "data", TensorProto.FLOAT, ["batch", 3, input_size, input_size]
+            )
+        ],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", output_width])],
+        initializers,
+    )
+    model = helper.make_model(
+        graph,
+        producer_name="digi2real-tiny",
+        opset_imports=[helper.make_opsetid("", _ONNX_OPSET)],
+        ir_version=_ONNX_IR_VERSION,
+    )
+    onnx.checker.check_model(model, full_check=True)
+    fsio.atomic_write_bytes(path, model.SerializeToString())
+    logger.debug("wrote %s (%d bytes)", path, path.stat().st_size)
+    return path
+
+
+def _insightface_mean_shape() -> np.ndarray:
+    from insightface.data import get_object
+
+    shape = get_object("meanshape_68.pkl")
+    if shape is None or tuple(shape.shape) != (LANDMARK_3D_POINTS, 3):
+        raise RuntimeError("insightface's meanshape_68.pkl is missing or not (68, 3)")
+    return np.asarray(shape, np.float32)
+
+
+def export_tiny_landmark_3d(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    points: np.ndarray | None = None,
+    std: float = TINY_LANDMARK_3D_STD,
+) -> Path:
+    """A stand-in for buffalo_l's ``1k3d68.onnx``: ``N x 3 x 192 x 192`` (dynamic N) ->
+    ``N x 3309``. Its 68 points are ``points`` ((68, 3) in the model's normalised crop
+    coordinates, -1 to 1 across the 192-pixel crop; default insightface's mean shape,
+    ``meanshape_68.pkl``, the shape the pose is fitted to) moved by a seeded random projection
+    of pooled pixels (``std`` 0: not at all, a constant output): the pose is near frontal and
+    follows the image. The 1035 leading points, which insightface drops, are zeros."""
+    base = _insightface_mean_shape() if points is None else np.asarray(points, np.float32)
+    if base.shape != (LANDMARK_3D_POINTS, 3) or not np.isfinite(base).all():
+        raise ValueError(f"points must be a finite (68, 3) array, got shape {base.shape}")
+    rng = np.random.default_rng(seed)
+    cells = 3 * ATTRIBUTE_POOL_CELLS * ATTRIBUTE_POOL_CELLS
+    weight = rng.normal(0.0, 1.0, (LANDMARK_3D_POINTS * 3, cells)) * std
+    nodes, initializers = _pooled_projection(LANDMARK_3D_INPUT, weight, base.reshape(-1))
+    lead = LANDMARK_3D_OUTPUT - LANDMARK_3D_POINTS * 3
+    nodes.append(helper.make_node("Pad", ["projected", "pads"], ["fc1"], name="pad"))
+    initializers.append(numpy_helper.from_array(np.array([0, lead, 0, 0], np.int64), "pads"))
+    return _write_graph(
+        Path(path), "tiny_1k3d68", LANDMARK_3D_INPUT, LANDMARK_3D_OUTPUT, nodes, initializers
+    )
+
+
+def export_tiny_genderage(path: str | Path, *, seed: int = 0) -> Path:
+    """A stand-in for buffalo_l's ``genderage.onnx``: ``N x 3 x 96 x 96`` (dynamic N) ->
+    ``N x 3``: two gender logits (female, male) and age / 100 (a sigmoid: 0 to 100 years),
+    a seeded random projection of pooled pixels."""
+    rng = np.random.default_rng(seed)
+    cells = 3 * ATTRIBUTE_POOL_CELLS * ATTRIBUTE_POOL_CELLS
+    weight = rng.normal(0.0, TINY_GENDERAGE_STD, (3, cells))
+    nodes, initializers = _pooled_projection(GENDERAGE_INPUT, weight, np.zeros(3))
+    nodes += [
+        helper.make_node("Slice", ["projected", "zero", "two", "one"], ["logits"], name="gender"),
+        helper.make_node("Slice", ["projected", "two", "three", "one"], ["age_logit"], name="age"),
+        helper.make_node("Sigmoid", ["age_logit"], ["age"], name="age_sigmoid"),
+        helper.make_node("Concat", ["logits", "age"], ["fc1"], name="concat", axis=1),
+    ]
+    initializers += [
+        numpy_helper.from_array(np.array([value], np.int64), name)
+        for name, value in (("zero", 0), ("one", 1), ("two", 2), ("three", 3))
+    ]
+    return _write_graph(Path(path), "tiny_genderage", GENDERAGE_INPUT, 3, nodes, initializers)
