@@ -12,6 +12,8 @@ size, devices, runner...); any other difference is refused because it changes th
 
 from __future__ import annotations
 
+import math
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,12 +49,58 @@ FRAMES = ("crop", "generation")
 # (carry: refused where they cannot be), or never (off)
 GEOMETRY = ("auto", "carry", "off")
 
+# Caps on the counts that allocate or repeat work, far above any sensible run and far below
+# what exhausts a machine: a typo (1e12 outputs, a batch of a million) is one line naming the
+# field instead of a run that never ends. The bounds that depend on the machine (CPU workers,
+# threads, GPU indices) are device.py's.
+MAX_OUTPUTS_PER_IDENTITY = 10_000
+MAX_ATTEMPTS = 100
+MAX_BATCH_SIZE = 4096
+MAX_SHARD_SIZE = 100_000  # identities per shard
+MAX_SHARD_RETRIES = 100
+MAX_DIRICHLET_SOURCES = 1_000
+MAX_TORCH_THREADS = 1_024  # per worker; device.check_resources also bounds it by the CPUs
+
 # Strict scalars: an int is a number, but a string, a bool or a NaN is not.
 Int = Annotated[int, Strict()]
 Positive = Annotated[int, Strict(), Field(ge=1)]
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Flag = Annotated[bool, Strict()]
 Text = Annotated[str, Strict()]
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a config never needs them, and nested aliases
+    expand a kilobyte into gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not read", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: Any) -> Any:
+    """The YAML document in ``path`` (a local path, or an object-store path with
+    ``read_bytes``), safely: no tags, no aliases, UTF-8. A file that is not one is a
+    ValueError of one line naming it, the problem and where."""
+    if isinstance(path, str):
+        path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = " ".join(str(error.problem or error.context or "").split())
+        raise ValueError(f"{path}: not valid YAML: {problem}{where}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
 
 
 class Section(BaseModel):
@@ -82,13 +130,15 @@ class AttributesConfig(Section):
 
 
 class InterpolationConfig(Section):
-    outputs_per_identity: Positive = 20
+    outputs_per_identity: Annotated[int, Strict(), Field(ge=1, le=MAX_OUTPUTS_PER_IDENTITY)] = 20
     # share of each kind among an identity's targets; rounded per identity, deterministic
     mix: dict[Literal[INTERP_KINDS], Annotated[Number, Field(ge=0)]] = Field(
         default_factory=lambda: {"source": 0.2, "slerp": 0.5, "dirichlet": 0.3}
     )
     dirichlet_concentration: Annotated[Number, Field(gt=0)] = 1.0
-    dirichlet_sources: Annotated[int, Strict(), Field(ge=2)] = 3  # embeddings a mixture uses
+    dirichlet_sources: Annotated[int, Strict(), Field(ge=2, le=MAX_DIRICHLET_SOURCES)] = (
+        3  # embeddings a mixture uses
+    )
     # t ~ U(lo, hi) per target
     slerp_t: tuple[Annotated[Number, Field(ge=0, le=1)], Annotated[Number, Field(ge=0, le=1)]] = (
         0.2,
@@ -98,7 +148,11 @@ class InterpolationConfig(Section):
     @field_validator("mix")
     @classmethod
     def _some_share(cls, mix: dict[str, float]) -> dict[str, float]:
-        if sum(mix.values()) <= 0:
+        total = sum(mix.values())
+        if not math.isfinite(total):
+            # each share is finite, but their sum overflows: normalising would give NaN
+            raise ValueError("shares are relative weights: their sum must be a finite number")
+        if total <= 0:
             raise ValueError("must give some kind a positive share")
         return mix
 
@@ -115,7 +169,9 @@ class GenerationConfig(Section):
     steps: Annotated[int, Strict(), Field(ge=1, le=1000)] = 25
     guidance: Annotated[Number, Field(ge=1)] = 3.0
     dtype: Literal[DTYPES] = "float16"
-    batch_size: Positive = 16  # targets per UNet call (x2 for guidance); performance only
+    batch_size: Annotated[int, Strict(), Field(ge=1, le=MAX_BATCH_SIZE)] = (
+        16  # targets per UNet call (x2 for guidance); performance only
+    )
     channels_last: Flag = True
     compile: Flag = False
     overlap: Flag = True  # post-process batch k on a thread while batch k+1 diffuses
@@ -150,13 +206,15 @@ class FilterConfig(Section):
     # R100 (same-person threshold at FAR 1e-4 is ~0.3), so an accepted image is the same
     # identity with margin while most pose/expression variation survives.
     threshold: Annotated[Number, Field(ge=-1, le=1)] = 0.4
-    max_attempts: Positive = 3
+    max_attempts: Annotated[int, Strict(), Field(ge=1, le=MAX_ATTEMPTS)] = 3
     fallback: Literal[FALLBACKS] = "none"  # none | center_crop (tiny profile only)
 
 
 class OutputConfig(Section):
     formats: list[Literal[FORMATS]] = Field(default_factory=lambda: ["imagefolder"])
-    shard_size: Positive = 64  # identities per shard
+    shard_size: Annotated[int, Strict(), Field(ge=1, le=MAX_SHARD_SIZE)] = (
+        64  # identities per shard
+    )
     jpeg_quality: Annotated[int, Strict(), Field(ge=1, le=100)] = 95
     # also keep the generated image at the model's resolution (512x512 with real weights) as
     # originals/<identity>/<k>.jpg beside the aligned 112x112 training crop
@@ -185,8 +243,10 @@ class RunConfig(Section):
     devices: Text | None = None  # local multi-GPU: "0,1" or "all"
     runner: Literal[RUNNERS] = "local"
     ray_address: Text | None = None
-    torch_threads: Positive = 1  # per worker, fixed for CPU determinism
-    max_shard_retries: Annotated[int, Strict(), Field(ge=0)] = 2
+    torch_threads: Annotated[int, Strict(), Field(ge=1, le=MAX_TORCH_THREADS)] = (
+        1  # per worker, fixed for CPU determinism
+    )
+    max_shard_retries: Annotated[int, Strict(), Field(ge=0, le=MAX_SHARD_RETRIES)] = 2
     # the same command on N nodes: this one runs the shards whose index % num_nodes ==
     # node_rank; None: from SLURM_NTASKS/SLURM_PROCID, else WORLD_SIZE/RANK, else 1 and 0
     num_nodes: Positive | None = None
@@ -233,6 +293,18 @@ def _allowed(error: dict[str, Any]) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
+# how an error line shows a value: the first items and characters only (a value may be huge)
+_SHOWN = reprlib.Repr()  # Python 3.11 takes no keywords here
+_SHOWN.maxlevel, _SHOWN.maxdict, _SHOWN.maxlist, _SHOWN.maxtuple = 3, 4, 4, 4
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
+def _shown(value: Any, limit: int = 100) -> str:
+    """A value as an error line shows it: a bounded repr on one line."""
+    text = " ".join(_SHOWN.repr(value).split())
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _problems(error: ValidationError, where: str, labels: dict[str, str]) -> list[str]:
     problems = []
     for item in error.errors():
@@ -249,7 +321,7 @@ def _problems(error: ValidationError, where: str, labels: dict[str, str]) -> lis
             )
             continue
         label = labels.get(field, where)
-        problems.append(f"{label}: {field} = {item['input']!r}: {_allowed(item)}")
+        problems.append(f"{label}: {field} = {_shown(item['input'])}: {_allowed(item)}")
     return problems
 
 
@@ -289,9 +361,9 @@ class Config(Section):
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError([f"{path}: not valid YAML ({error})"]) from None
+            data = read_yaml(path) or {}
+        except ValueError as error:
+            raise ConfigError([str(error)]) from None
         return cls.from_dict(data, where=str(path))
 
     @classmethod

@@ -9,6 +9,7 @@ it for its lifetime; an in-process run (``digi2real convert``, ``Digi2Real.conve
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -38,9 +39,18 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32" if device == "cpu" else dtype
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def devices_for(config: Config) -> list[str]:
     """The local workers' devices of ``run.devices`` (``0,1``, ``all``, ``cpuxN``); empty
-    when unset (one in-process worker on ``run.device``)."""
+    when unset (one in-process worker on ``run.device``). Each worker is a process holding the
+    whole model stack: ``cpuxN`` is bounded by the CPUs, GPU indices by the GPUs torch sees,
+    and no GPU is named twice."""
     spec = config.run.devices
     if spec is None:
         return []
@@ -52,13 +62,46 @@ def devices_for(config: Config) -> list[str]:
             raise ValueError("--devices all: torch sees no CUDA device")
         return [f"cuda:{i}" for i in range(count)]
     if spec.startswith("cpu"):
-        _, _, n = spec.partition("x")
-        return ["cpu"] * int(n or 1)
-    devices = []
+        return ["cpu"] * _cpu_workers(spec)
+    indices = []
     for part in spec.split(","):
         if not part.strip().isdigit():
             raise ValueError(f"bad --devices entry {part!r}; use e.g. 0,1 or all or cpux2")
-        devices.append(f"cuda:{int(part)}")
+        indices.append(int(part))
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"--devices {spec}: a GPU is named twice (one worker per GPU)")
+    import torch
+
+    count = torch.cuda.device_count()
+    if max(indices) >= count:
+        seen = f"GPUs 0-{count - 1}" if count else "no CUDA device"
+        raise ValueError(f"--devices {spec}: torch sees {seen}")
+    return [f"cuda:{i}" for i in indices]
+
+
+def _cpu_workers(spec: str) -> int:
+    """N of ``cpu`` / ``cpuxN``: 1 to the CPU count (each worker runs at least one thread)."""
+    head, _, count = spec.partition("x")
+    cpus = available_cpus()
+    if head != "cpu" or not (count or "1").isdigit() or not 1 <= int(count or 1) <= cpus:
+        raise ValueError(
+            f"--devices {spec}: CPU workers are cpuxN with N from 1 to {cpus} (this machine's "
+            "CPUs; each worker loads the whole model stack)"
+        )
+    return int(count or 1)
+
+
+def check_resources(config: Config) -> list[str]:
+    """The local workers' devices (:func:`devices_for`), after checking that they and their
+    torch threads fit this machine (Ray places workers on its own nodes: their threads are not
+    this machine's): one line naming the flag otherwise."""
+    devices = devices_for(config)
+    threads, cpus = config.run.torch_threads, available_cpus()
+    if config.run.runner == "local" and threads > cpus:
+        raise ValueError(
+            f"--threads {threads}: this machine has {cpus} CPU(s); use at most {cpus} "
+            "(run.torch_threads, per worker)"
+        )
     return devices
 
 

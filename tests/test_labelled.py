@@ -188,7 +188,7 @@ def test_detect_refuses_identity_folders_beside_labelled_files(synthface) -> Non
 def test_detect_refuses_empty_and_unrecognisable_roots(tmp_path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(LayoutError, match="it is empty; pass source.layout explicitly"):
+    with pytest.raises(LayoutError, match="nothing to convert: .*empty is empty$"):
         detect_layout(empty)
     # numbered PNGs with no label siblings (e.g. one DigiFace identity folder): not FaceSynthetics
     numbered = tmp_path / "numbered"
@@ -197,8 +197,15 @@ def test_detect_refuses_empty_and_unrecognisable_roots(tmp_path) -> None:
     (numbered / "notes.txt").write_text("x")
     with pytest.raises(LayoutError) as caught:
         detect_layout(numbered)
-    assert "5 FaceSynthetics file(s)" in str(caught.value)
-    assert "1 other file(s) (e.g. 'notes.txt')" in str(caught.value)
+    # the likely mistake is named: SRC is one identity's folder
+    assert "holds 5 image(s) (e.g. '0.png', '1.png', '2.png', ...) and no identity folder" in str(
+        caught.value
+    )
+    assert "looks like one identity's folder" in str(caught.value)
+    (labels_only := tmp_path / "labels_only").mkdir()
+    (labels_only / "notes.txt").write_text("x")
+    with pytest.raises(LayoutError, match=r"cannot tell the layout .* 1 other file\(s\)"):
+        detect_layout(labels_only)
     with pytest.raises(FileNotFoundError):
         detect_layout(tmp_path / "absent")
     with pytest.raises(NotADirectoryError):

@@ -4,31 +4,18 @@ holding another input) is refused before any work, with or without ``--overwrite
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
+from helpers import fingerprint, tiny_convert
 
 from digi2real.cli import main
 from digi2real.data import layout, ownership
 from digi2real.data.store import ObjectPath
 
 EXIT_USAGE = 2
-
-
-def fingerprint(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (following nothing), by relative path."""
-    found = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath, name)
-            if not path.is_symlink():
-                found[path.relative_to(root).as_posix()] = hashlib.sha256(
-                    path.read_bytes()
-                ).hexdigest()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +28,7 @@ def src(tmp_path_factory, sample_dataset) -> Path:
 
 @pytest.fixture(scope="module")
 def argv(tiny_weights):
-    def make(src: Path | str, out: Path | str, *extra: str) -> list[str]:
-        return [
-            "convert",
-            str(src),
-            str(out),
-            "--weights",
-            str(tiny_weights.root),
-            "--outputs-per-identity",
-            "2",
-            "--steps",
-            "1",
-            "-q",
-            *extra,
-        ]
-
-    return make
+    return partial(tiny_convert, tiny_weights.root)
 
 
 @pytest.fixture(scope="module")

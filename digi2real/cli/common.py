@@ -173,6 +173,9 @@ def config_from_args(args: argparse.Namespace, **extra: tuple[str, Any]) -> Any:
     from digi2real.weights import default_weights_dir
 
     weights = getattr(args, "weights", None)
+    if weights is not None:
+        # a mistyped --weights is named as such, not as what the preset then lacks
+        require_weights(weights)
     config = resolve_config(args.config, preset=args.preset, weights_dir=weights)
     if weights is None and config.weights is None:
         weights = default_weights_dir("tiny" if config.preset == "tiny" else "real")
@@ -195,6 +198,16 @@ def config_from_args(args: argparse.Namespace, **extra: tuple[str, Any]) -> Any:
             {"shift.method": "none", "shift.alpha": 0.0, "shift.required": False}
         )
     return config
+
+
+def require_weights(weights: str | Path) -> None:
+    """A local ``--weights`` dir that is not one is a one-line error naming it (a URL is
+    checked when it is fetched)."""
+    from digi2real.data.store import is_url
+    from digi2real.weights import DIR_MANIFEST, open_weights
+
+    if not is_url(str(weights)) and not (Path(weights) / DIR_MANIFEST).is_file():
+        open_weights(str(weights))  # raises the error that says how to get weights
 
 
 def is_tiny(weights: str | None) -> bool:

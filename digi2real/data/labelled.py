@@ -75,6 +75,7 @@ from digi2real.config import SOURCE_LAYOUTS
 from digi2real.data.images import _WARNINGS_LOCK, DEFAULT_MAX_PIXELS
 from digi2real.data.readers import (
     IGNORED_NAMES,
+    IMAGE_EXTENSIONS,
     STAGE_SCAN,
     ErrorRow,
     IdentitySelection,
@@ -267,11 +268,20 @@ def detect_layout(root: str | Path | ObjectPath) -> str:
         return "synthface"
     if folders:
         return "folders"
-    raise LayoutError(
-        f"cannot tell the layout of {root}: "
-        + (f"found {summary}" if summary else "it is empty")
-        + f"; {advice}"
-    )
+    if not summary:
+        raise LayoutError(f"nothing to convert: {root} is empty")
+    images = [
+        name
+        for name in fs_images + sf_images + others
+        if PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if images:
+        raise LayoutError(
+            f"{root} holds {len(images)} image(s){_examples(images)} and no identity folder: it "
+            "looks like one identity's folder; give the folder that holds one folder per "
+            "identity (or, for a labelled set, pass source.layout: facesynthetics, synthface)"
+        )
+    raise LayoutError(f"cannot tell the layout of {root}: found {summary}; {advice}")
 
 
 # -- scanning ------------------------------------------------------------------------------------

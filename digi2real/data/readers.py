@@ -75,6 +75,8 @@ IGNORED_NAMES = frozenset({"__MACOSX", "lost+found", "@eaDir", "$RECYCLE.BIN"})
 
 LAYOUTS = ("digiface", "imagefolder")
 STAGE_SCAN = "scan"
+# the scan row of an image directly in the source root (SRC given one level too deep?)
+OUTSIDE_IDENTITY = "image outside identity folder"
 STAGE_READ = "read"
 
 _DIGITS = re.compile(r"(\d+)")
@@ -365,7 +367,7 @@ def _list_root(
                     continue
             if not is_dir:
                 if os.path.splitext(name)[1].lower() in extensions:
-                    rows.append(ErrorRow(shown, "", STAGE_SCAN, "image outside identity folder"))
+                    rows.append(ErrorRow(shown, "", STAGE_SCAN, OUTSIDE_IDENTITY))
                 continue
             problem = name_problem(name)
             if problem is not None:

@@ -4,8 +4,10 @@ finalise once every shard is committed."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,8 @@ from digi2real.data import fsio, ownership
 from digi2real.data.attributes import MODEL_ESTIMATES, check_options, estimates_wanted
 from digi2real.data.layout import OutLayout
 from digi2real.data.node_cache import local_file
-from digi2real.data.store import ObjectPath, check_readable, location
-from digi2real.device import devices_for, resolve_device, resolve_dtype
+from digi2real.data.store import ObjectPath, check_readable, is_url, location
+from digi2real.device import check_resources, resolve_device, resolve_dtype
 from digi2real.face.stack import FaceStack
 from digi2real.pipeline.domain_shift import DomainShift
 from digi2real.runner.cost import estimate
@@ -98,6 +100,19 @@ class RankSummary:
             f"the rank that commits the last shard assembles {self.out}; re-running any rank "
             "resumes its shards and assembles the dataset once all are committed",
         ]
+
+
+def absolute_paths(config: Config) -> Config:
+    """``config`` with its local source paths (SRC, an attribute table) made absolute, as
+    given from the working directory: what config.yaml records and the report reads later,
+    from anywhere."""
+    fields = {}
+    for field in ("source.root", "source.attributes"):
+        section, name = field.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and not is_url(value) and not os.path.isabs(value):
+            fields[field] = os.path.abspath(value)
+    return config.override(fields, where="config") if fields else config
 
 
 def run_inputs(config: Config) -> dict[str, Path | ObjectPath]:
@@ -236,8 +251,9 @@ def convert(
     own); used only when it was built from the same model-side settings as ``config``. On N
     nodes (:mod:`~digi2real.runner.nodes`), a rank that leaves shards of other ranks
     uncommitted returns a :class:`RankSummary` instead of the dataset's :class:`Summary`."""
+    # 1. every check that can refuse, before OUT is touched: a refused run leaves OUT as it was
     out = location(out)
-    config.validate()
+    config = absolute_paths(config).validate()
     check_options(config)
     check_apart(config, out)
     if delete_foreign and not overwrite:
@@ -256,12 +272,17 @@ def convert(
         raise ValueError("no weights: pass --weights DIR (see `digi2real weights --help`)")
     check_storage(config, out)
     weights = open_weights(config.weights)
+    devices = check_resources(config)
+    # loaded once: the in-process engine uses it, config.yaml records its description
+    shift = DomainShift.from_config(config.shift, weights.file_digest("encoder"))
     if config.run.runner == "ray":
         from digi2real.runner.ray import import_ray
 
-        import_ray()  # before planning OUT: a missing Ray should leave nothing behind
+        import_ray()
+    derived = derived_fields(config)
+    # 2. plan (the source is read before OUT is touched), or reopen OUT
     plan: Plan = prepare_out(
-        out, config, derived_fields(config), overwrite=overwrite, delete_foreign=delete_foreign
+        out, config, derived, overwrite=overwrite, delete_foreign=delete_foreign
     )
     paths = OutLayout(out)
     committed = paths.committed()
@@ -279,9 +300,6 @@ def convert(
             dynamic_ncols=True,
         )
     tracker = Progress({s: len(plan.shards[s]) for s in todo}, bar)
-    devices = devices_for(config)
-    # loaded once: the in-process engine uses it, config.yaml records its description
-    shift = DomainShift.from_config(config.shift, weights.file_digest("encoder"))
     try:
         if config.run.runner == "ray":
             from digi2real.runner.ray import run_ray
@@ -336,7 +354,26 @@ def convert(
         out, config, plan, weights_manifest=manifest, env=env, shift=description, lora=lora
     )
     summary.events = [f"shard {r.shard}: {e}" for r in outcome.results for e in r.events]
+    if summary.images == 0 and summary.rejected == 0 and summary.errors:
+        raise NothingUsableError(nothing_usable(out, summary))
     return summary
+
+
+class NothingUsableError(ValueError):
+    """A finished run in which no source image could be used (every one is an error row)."""
+
+
+def nothing_usable(out: Path | ObjectPath, summary: Summary) -> str:
+    """One line: no source image was usable, the most common reasons, where the rows are."""
+    from digi2real.data.manifest import read_table
+
+    paths = OutLayout(out)
+    reasons = Counter(read_table(paths.errors, columns=["reason"]).column("reason").to_pylist())
+    found = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
+    return (
+        f"no source image could be used ({summary.errors} error(s): {found}); every one is "
+        f"listed in {paths.errors}"
+    )
 
 
 def committed_shards(out: str | Path | ObjectPath) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,12 @@ from digi2real.data import fsio, ownership
 from digi2real.data.labelled import LABELLED_LAYOUTS, resolve_layout, scan_source
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import error_table, read_table, write_parquet
-from digi2real.data.readers import ErrorRow, IdentitySelection, IdentitySource
+from digi2real.data.readers import (
+    OUTSIDE_IDENTITY,
+    ErrorRow,
+    IdentitySelection,
+    IdentitySource,
+)
 from digi2real.data.store import ObjectPath, location
 from digi2real.version import __version__
 
@@ -37,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 class ConfigMismatchError(ValueError):
     pass
+
+
+class NothingToConvertError(ValueError):
+    """A source (as selected) with no usable identity: a run of it would write nothing."""
 
 
 @dataclass
@@ -84,11 +94,36 @@ def make_plan(config: Config) -> Plan:
                 table.counts["images_without_row"],
             )
         attributes = attrs.merge(attributes, table)
+    if not sources:
+        raise NothingToConvertError(nothing_found(root, source_layout, selection, errors))
     attributes = attributes.restrict(set(images)) if attributes else attributes
     edges = balance_edges(config, attributes, images)
     size = config.output.shard_size
     shards = [sources[i : i + size] for i in range(0, len(sources), size)]
     return Plan(root, shards, errors, attributes, edges)
+
+
+def nothing_found(
+    root: Path | ObjectPath, layout: str, selection: IdentitySelection, errors: list[ErrorRow]
+) -> str:
+    """Why a source yields no identity, in one line: a selection that matches none, or what
+    the scan skipped (the most common reasons), with the likely mistake where there is one."""
+    if selection.kind != "all":
+        everything, _ = scan_source(root, layout)
+        if everything:
+            return (
+                f"--identities {selection.to_spec()} selects none of the {len(everything)} "
+                f"identities in {root}"
+            )
+    reasons = Counter(error.reason for error in errors)
+    found = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
+    line = f"no usable identity in {root}" + (f" (skipped: {found})" if found else "")
+    if OUTSIDE_IDENTITY in reasons:
+        line += (
+            ": it looks like one identity's folder; give the folder that holds one folder per "
+            "identity"
+        )
+    return line
 
 
 def attribute_models(config: Config) -> tuple[str, ...]:
