@@ -2,9 +2,12 @@
 
 Decoding policy (``load_image``):
 
-- Only raster formats a face dataset plausibly holds are tried (PNG, JPEG, BMP, GIF, TIFF,
-  WebP, PPM/PGM, TGA, AVIF, JPEG 2000 where Pillow has them). Notably not EPS, whose
-  Pillow plugin runs Ghostscript on the file.
+- Only the formats a face dataset uses are decoded (``ALLOWED_FORMATS``: JPEG, PNG, WebP,
+  BMP, TIFF, PPM/PGM, where this Pillow has them), here and wherever an image digi2real did not write
+  is opened (``open_image``: source renders, ``.bin`` pairs, galleries, training data).
+  Anything else is refused before its plugin reads more than the first 16 bytes: not EPS/PS
+  (Pillow runs Ghostscript on those), nor any other format; a file another Pillow plugin
+  would take is ``ImageError("format EPS is not read (allowed: ...)")``.
 - EXIF orientation is applied, so arrays are upright as a viewer shows them.
 - Alpha (RGBA, LA, PA, P with transparency) is composited on **black**: the colour stored
   under transparent pixels is arbitrary, and black is what ArcFace alignment pads with
@@ -16,13 +19,14 @@ Decoding policy (``load_image``):
   are stretched min-max to [0, 255]. NaN and infinities become 0.
 - CMYK and other colour modes go through Pillow's own conversion; there is no ICC colour
   management (embedded profiles are ignored).
-- Multi-frame files (GIF, TIFF) give their first frame.
+- Multi-frame files (TIFF, animated WebP or PNG) give their first frame.
 - A pixel limit (``max_pixels``, default 64 MP) is checked from the header before any pixel
-  is decoded. Pillow's decompression-bomb warning/error becomes ``ImageError("too large")``;
+  is decoded. Pillow's decompression-bomb warning (above ``Image.MAX_IMAGE_PIXELS``) and error
+  (above twice that) become ``ImageError("too large")`` (``open_image``);
   ``Image.MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` are never changed.
 
 Every failure is an ``ImageError`` (a ``ValueError``) with a short ``reason`` a caller can
-group by (``REASONS``) and the ``path``.
+group by (it starts with one of ``REASONS``) and the ``path``.
 
 Synthetic-image note (``encode_jpeg`` / ``read_image_note``): written three ways, because
 tools keep different segments when they copy or re-save a JPEG:
@@ -43,6 +47,7 @@ import logging
 import threading
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,31 +64,19 @@ REASONS = (
     "truncated",
     "corrupt",
     "too large",
-    "unsupported mode",
+    "unsupported mode",  # "unsupported mode CMYK;16"
+    "format",  # "format EPS is not read (allowed: JPEG, PNG, WEBP, BMP, TIFF, PPM)"
 )
 
-# Formats tried by load_image, in this order; filtered by what this Pillow build has.
-SAFE_FORMATS = (
-    "PNG",
-    "JPEG",
-    "BMP",
-    "DIB",
-    "GIF",
-    "TIFF",
-    "WEBP",
-    "PPM",
-    "TGA",
-    "AVIF",
-    "JPEG2000",
-)
+# The only formats an image digi2real did not write is decoded from (``open_image``), in
+# the order they are tried; filtered by what this Pillow build has.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM")
 
 # Signatures of formats we read: a file starting with one that Pillow cannot identify is
 # a damaged image, not some other kind of file.
 _SIGNATURES = (
     b"\x89PNG\r\n\x1a\n",
     b"\xff\xd8\xff",
-    b"GIF87a",
-    b"GIF89a",
     b"BM",
     b"II*\x00",
     b"MM\x00*",
@@ -114,19 +107,89 @@ def _available_formats() -> tuple[str, ...]:
     global _formats_cache
     if _formats_cache is None:
         Image.init()
-        _formats_cache = tuple(name for name in SAFE_FORMATS if name in Image.OPEN)
+        _formats_cache = tuple(name for name in ALLOWED_FORMATS if name in Image.OPEN)
     return _formats_cache
 
 
-def _has_image_signature(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-    except OSError:
-        return False
+def _has_image_signature(head: bytes) -> bool:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
     return any(head.startswith(signature) for signature in _SIGNATURES)
+
+
+def _other_format(head: bytes) -> str | None:
+    """The format, not allowed, that another Pillow plugin would take ``head`` (a file's first
+    16 bytes) for. Only the plugins' prefix checks run, never a plugin's reader."""
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if name in ALLOWED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(head):
+                return name
+        except Exception:  # noqa: BLE001 - a prefix check choking on short input: not that format
+            continue
+    return None
+
+
+def _head(source: str | Path | IO[bytes]) -> bytes:
+    try:
+        if isinstance(source, str | Path):
+            with open(source, "rb") as handle:
+                return handle.read(16)
+        source.seek(0)
+        return source.read(16)
+    except (OSError, ValueError):
+        return b""
+
+
+def open_image(
+    source: str | Path | IO[bytes],
+    *,
+    path: str | Path | None = None,
+    bomb_warning: bool = True,
+) -> Image.Image:
+    """``Image.open`` for an image digi2real did not write: only ``ALLOWED_FORMATS``, and
+    Pillow's decompression-bomb warning an error (``bomb_warning=False`` leaves only its
+    error, at twice ``Image.MAX_IMAGE_PIXELS``, for a caller that checks a larger limit
+    itself). Reads the header only: the caller loads the pixels, checking the size first.
+
+    Any failure is an ``ImageError`` naming ``path`` (default: ``source`` when it is a path):
+    "not found", "unreadable", "too large", "format X is not read (allowed: ...)", "corrupt"
+    (an allowed format's signature, damaged) or "not an image".
+    """
+    if path is None and isinstance(source, str | Path):
+        path = source
+    if not isinstance(source, str | Path):
+        try:
+            source.seek(0)
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            source = io.BytesIO(source.read())  # a stream: read whole, so its head can be seen
+    # catch_warnings swaps the process-wide filter list; the lock keeps our own threads from
+    # restoring each other's filters. Only the header parse runs under it, not the decode.
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error" if bomb_warning else "ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(source, formats=_available_formats())
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError("too large", path, str(exc).split(",")[0]) from None
+        except UnidentifiedImageError:
+            pass
+        except FileNotFoundError:
+            raise ImageError("not found", path) from None
+        except PermissionError as exc:
+            raise ImageError("unreadable", path, type(exc).__name__) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError("corrupt", path, f"{type(exc).__name__}: {exc}") from None
+    head = _head(source)
+    if _has_image_signature(head):
+        raise ImageError("corrupt", path)
+    other = _other_format(head)
+    if other is not None:
+        allowed = ", ".join(ALLOWED_FORMATS)
+        raise ImageError(f"format {other} is not read (allowed: {allowed})", path)
+    raise ImageError("not an image", path)
 
 
 def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -147,24 +210,10 @@ def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     if size == 0:
         raise ImageError("empty file", path)
 
-    # catch_warnings swaps the process-wide filter list; the lock keeps our own threads from
-    # restoring each other's filters. Only the header parse runs under it, not the decode.
-    with _WARNINGS_LOCK, warnings.catch_warnings():
-        # Above Pillow's soft limit our own check decides (the caller may allow more).
-        soft_limit = Image.MAX_IMAGE_PIXELS or 0
-        bomb_action = "error" if max_pixels is not None and max_pixels <= soft_limit else "ignore"
-        warnings.simplefilter(bomb_action, Image.DecompressionBombWarning)
-        try:
-            image = Image.open(path, formats=_available_formats())
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError("too large", path, str(exc).split(",")[0]) from None
-        except UnidentifiedImageError:
-            reason = "corrupt" if _has_image_signature(path) else "not an image"
-            raise ImageError(reason, path) from None
-        except PermissionError as exc:
-            raise ImageError("unreadable", path, type(exc).__name__) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError("corrupt", path, f"{type(exc).__name__}: {exc}") from None
+    # Above Pillow's soft limit our own check decides (the caller may allow more).
+    soft_limit = Image.MAX_IMAGE_PIXELS or 0
+    bomb_warning = max_pixels is not None and max_pixels <= soft_limit
+    image = open_image(path, bomb_warning=bomb_warning)
 
     with image:
         width, height = image.size
@@ -334,17 +383,7 @@ def encode_jpeg(
 def read_image_note(source: bytes | str | Path) -> str | None:
     """The synthetic-image note of a JPEG (COM segment, else EXIF ImageDescription), or None."""
     path = None if isinstance(source, bytes | bytearray) else Path(source)
-    try:
-        handle = Image.open(
-            io.BytesIO(source) if path is None else path, formats=_available_formats()
-        )
-    except UnidentifiedImageError:
-        raise ImageError("not an image", path) from None
-    except FileNotFoundError:
-        raise ImageError("not found", path) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError("corrupt", path, f"{type(exc).__name__}: {exc}") from None
-    with handle as image:
+    with open_image(io.BytesIO(source) if path is None else path, path=path) as image:
         comment = image.info.get("comment")
         if isinstance(comment, bytes):
             comment = comment.decode("utf-8", errors="replace")

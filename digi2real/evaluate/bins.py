@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from digi2real.data.images import ImageError, open_image
 
 IMAGE_SIZE = 112
 
@@ -274,15 +275,26 @@ def load_bin(path: str | Path) -> tuple[list[BinImage], list[bool]]:
 
 
 def decode_images(images: Sequence[BinImage], source: str = "images") -> np.ndarray:
-    """Encoded images or decoded RGB arrays -> uint8 RGB (N, 112, 112, 3)."""
+    """Encoded images or decoded RGB arrays -> uint8 RGB (N, 112, 112, 3).
+
+    Encoded images are read as untrusted (``digi2real.data.images.open_image``): only JPEG,
+    PNG, WebP, BMP, TIFF and PPM/PGM, Pillow's decompression-bomb warning an error, and the size
+    checked from the header before any pixel is decoded."""
     out = np.empty((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for index, item in enumerate(images):
         if isinstance(item, np.ndarray):
             pixels = item
         else:
             try:
-                with Image.open(io.BytesIO(item)) as image:
-                    pixels = np.asarray(image.convert("RGB"))
+                with open_image(io.BytesIO(item)) as image:
+                    # the header's size first: another size is refused below, undecoded
+                    pixels = (
+                        np.asarray(image.convert("RGB"))
+                        if image.size == (IMAGE_SIZE, IMAGE_SIZE)
+                        else np.empty((image.height, image.width, 0), np.uint8)
+                    )
+            except ImageError as error:  # no traceback to chain: the reason says it all
+                raise ValueError(f"{source}: image {index} does not decode: {error}") from None
             except Exception as error:
                 raise ValueError(f"{source}: image {index} does not decode: {error}") from error
         if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from digi2real.data.images import open_image
 from digi2real.data.layout import (
     IMAGES,
     LABELS,
@@ -66,10 +67,19 @@ def read_labels(path: Path) -> dict[str, int]:
 
 
 def _decode(image: Any, source: str) -> np.ndarray:
-    """PIL image, encoded bytes or HWC uint8 array -> HWC uint8 RGB, checked 112x112."""
+    """PIL image, encoded bytes or HWC uint8 array -> HWC uint8 RGB, checked 112x112.
+
+    Encoded bytes are read as untrusted (``open_image``: allowed formats only, Pillow's
+    decompression-bomb warning an error); an image's size is checked before its pixels are
+    decoded."""
     if isinstance(image, bytes | bytearray | memoryview):
-        image = Image.open(io.BytesIO(bytes(image)))
+        image = open_image(io.BytesIO(bytes(image)), path=source)
     if isinstance(image, Image.Image):
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(
+                f"{source}: expected aligned {IMAGE_SIZE}x{IMAGE_SIZE} images, got "
+                f"{(image.height, image.width)}"
+            )
         image = np.asarray(image.convert("RGB"))
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -153,7 +163,7 @@ class ImageFolderFaces(_FlipMixin, Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rel, label = self.samples[index]
         path = self.root / rel
-        with Image.open(path) as image:
+        with open_image(path) as image:
             pixels = _decode(image, str(path))
         return self._transform(pixels, index), label
 

@@ -439,14 +439,15 @@ def plot_attributes(numeric: dict[str, Any], path: Path) -> Path:
 
 
 def _open_rgb(path: Any) -> Any:
-    from PIL import Image
+    from digi2real.data.images import ImageError, open_image
 
     if path is None or not path.is_file():
         return None
     try:
-        with Image.open(path if isinstance(path, Path) else path.open("rb")) as image:
+        source = path if isinstance(path, Path) else path.open("rb")
+        with open_image(source, path=path) as image:  # allowed formats only, no bomb
             return image.convert("RGB")
-    except OSError as error:
+    except (ImageError, OSError) as error:
         logger.warning("cannot read %s: %s", path, error)
         return None
 

@@ -132,12 +132,16 @@ GAP = 12
 def _tile(path: Path | None, placeholder: str) -> Image.Image:
     from PIL import Image, ImageDraw
 
+    from digi2real.data.images import ImageError, open_image
+
     if path is not None and path.is_file():
         try:
-            # an image on a store (OUT or SRC given as a URL) is read whole
-            with Image.open(path if isinstance(path, Path) else path.open("rb")) as image:
+            # an image on a store (OUT or SRC given as a URL) is read whole; a source render
+            # is untrusted: allowed formats only, no decompression bomb
+            source = path if isinstance(path, Path) else path.open("rb")
+            with open_image(source, path=path) as image:
                 return image.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR)
-        except OSError as error:
+        except (ImageError, OSError) as error:
             logger.warning("cannot read %s: %s", path, error)
     tile = Image.new("RGB", (TILE, TILE), (200, 200, 200))
     ImageDraw.Draw(tile).text((6, TILE // 2 - 6), placeholder, fill=(90, 90, 90))
