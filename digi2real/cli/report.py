@@ -76,7 +76,11 @@ def register(sub: Any) -> None:
         help="dataset report (consistency, collisions, leakage, domain gap, runs compared)",
     )
     p.add_argument("out", nargs="?", help="a converted dataset (path or URL)")
-    p.add_argument("--gallery", help="real identities: folder of images or .npy (path or URL)")
+    p.add_argument(
+        "--gallery",
+        help="real identities: folder of images or .npy (path or URL); .npy rows that are not "
+        "unit-norm are normalised (one warning), NaN or zero rows refused",
+    )
     p.add_argument("--source", type=Path, help="check a SOURCE dataset before converting")
     p.add_argument("--html", action="store_true", help="also write report/index.html")
     p.add_argument("--embed-images", action="store_true", help="inline images in the HTML")

@@ -102,19 +102,24 @@ def save_embeddings(
 
 
 def load_embeddings(path: str | Path, *, mmap: bool = False) -> EmbeddingSet:
-    """An embedding file (a path or a URL: a store's object is read whole) and its rows."""
-    from digi2real.data.manifest import read_npy, read_table
+    """An embedding file (a path or a URL: a store's object is read whole) and its rows.
+
+    The rows must be finite and not zero; rows that are not unit-norm (``|norm - 1| >
+    1e-3``, e.g. raw ArcFace outputs) are normalised, with one warning naming the file.
+    ``mmap``: memory-mapped where the file is local and needs no normalising."""
+    from digi2real.data.manifest import read_table
 
     path = location(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding file not found: {path}")
-    array = read_npy(path, mmap=mmap)
-    if not mmap:
-        array = check_embeddings(array, name=str(path))
+    array = unit_rows(read_embedding_array(path, mmap=mmap), str(path))
     identities = paths = None
     rows = rows_path(path)
     if rows.is_file():
-        table = read_table(rows)
+        try:
+            table = read_table(rows)
+        except ValueError as error:  # pyarrow's ArrowInvalid: not a parquet file
+            raise ValueError(f"{rows} is not a readable parquet file ({error})") from None
         if table.num_rows != array.shape[0]:
             raise ValueError(f"{rows} has {table.num_rows} rows for {array.shape[0]} embeddings")
         if "identity" in table.column_names:
@@ -122,3 +127,69 @@ def load_embeddings(path: str | Path, *, mmap: bool = False) -> EmbeddingSet:
         if "path" in table.column_names:
             paths = table.column("path").to_pylist()
     return EmbeddingSet(array, identities, paths)
+
+
+def read_embedding_array(path: Any, *, mmap: bool = False) -> np.ndarray:
+    """The (N, D) floating-point array of an ``.npy`` file, never unpickling anything: a file
+    numpy cannot read (random bytes, truncated, a pickle, an object array) or of another
+    shape or dtype is one ValueError naming it."""
+    from digi2real.data.manifest import read_npy
+
+    try:
+        array = read_npy(path, mmap=mmap)
+    except EOFError:
+        raise ValueError(f"{path} is empty: not a .npy array") from None
+    except ValueError as error:
+        text = str(error)
+        if "Object arrays" in text or "Python objects" in text:
+            raise ValueError(
+                f"{path} holds pickled Python objects, which are never unpickled: save a "
+                "float32 (N, D) array"
+            ) from None
+        if "pickled" in text:  # no .npy header: numpy would unpickle the whole file
+            raise ValueError(f"{path} is not a .npy array (no .npy header)") from None
+        raise ValueError(f"{path} is not a readable .npy array ({text})") from None
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"{path}: expected a non-empty (N, D) array, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path}: expected floating-point embeddings, got dtype {array.dtype}")
+    return array
+
+
+def unit_rows(array: np.ndarray, name: str, *, tol: float = 1e-3, block: int = 8192) -> np.ndarray:
+    """``array`` (N, D) as float32 unit rows. Rows with NaN/inf or a norm under 1e-6 (no
+    direction) are refused; rows whose norm is off 1 by more than ``tol`` are normalised, with
+    one warning. Read ``block`` rows at a time: a memory-mapped float32 array of unit rows is
+    returned as it is, memory flat in N."""
+    n = array.shape[0]
+    norms = np.empty(n, dtype=np.float64)
+    for start in range(0, n, block):
+        # through float32, the dtype returned: a value beyond its range is inf, refused below
+        chunk = np.asarray(array[start : start + block], dtype=np.float32)
+        norms[start : start + len(chunk)] = np.linalg.norm(chunk.astype(np.float64), axis=1)
+    for wrong, what in (
+        (~np.isfinite(norms), "hold NaN or infinite values"),
+        (norms < 1e-6, "are zero vectors (norm < 1e-6), with no direction to compare"),
+    ):
+        if wrong.any():
+            first = int(np.flatnonzero(wrong)[0])
+            raise ValueError(f"{name}: {int(wrong.sum())} row(s) {what} (first: row {first})")
+    off = np.abs(norms - 1.0) > tol
+    if not off.any():
+        return array if array.dtype == np.float32 else np.ascontiguousarray(array, np.float32)
+    first = int(np.flatnonzero(off)[0])
+    logger.warning(
+        "%s: %d of %d rows are not unit-norm (|norm - 1| > %g; row %d: %.4g); normalised "
+        "to x / ||x||",
+        name,
+        int(off.sum()),
+        n,
+        tol,
+        first,
+        norms[first],
+    )
+    normalised = np.empty(array.shape, dtype=np.float32)
+    for start in range(0, n, block):
+        chunk = np.asarray(array[start : start + block], dtype=np.float32).astype(np.float64)
+        normalised[start : start + len(chunk)] = chunk / norms[start : start + len(chunk), None]
+    return normalised

@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import platform
 import random
+import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -241,15 +244,121 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
+# what a digi2real checkpoint holds besides its format, and of which type
+CHECKPOINT_FIELDS: dict[str, type] = {
+    "config": dict,
+    "world_size": int,
+    "num_classes": int,
+    "epoch": int,
+    "step": int,
+    "step_in_epoch": int,
+    "backbone": dict,
+    "head": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "rng": dict,
+}
+# torch's weights-only unpickler names the global a file asks for: a function or class that
+# a plain tensor checkpoint never holds (os.system, builtins.eval, a pickled object...)
+_UNSAFE_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)|unrecognized function (\S+)")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint, loaded without unpickling arbitrary objects."""
+    """A training checkpoint, loaded without unpickling arbitrary objects
+    (``weights_only=True``): a file that asks for any (a pickle that would run code when
+    loaded) is refused as such; a corrupt, truncated or foreign one, or one whose fields are
+    missing or of the wrong type, is one ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # a raw pickle's protocol: the refusal below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = _UNSAFE_GLOBAL.search(str(error))
+        wanted = (unsafe.group(1) or unsafe.group(2)) if unsafe else _pickled_global(path)
+        if wanted:
+            raise ValueError(
+                f"refusing to unpickle {path}: it asks for {wanted}, so it is not a "
+                "plain tensor checkpoint (loading it could run code); use a checkpoint.pt "
+                "written by `digi2real evaluate train`"
+            ) from None
+        raise ValueError(f"{path} is not a torch checkpoint (damaged pickle data)") from None
+    except OSError:
+        raise
+    except Exception as error:  # a damaged archive fails anywhere in torch's reader
+        raise ValueError(
+            f"{path} is not a readable torch checkpoint (corrupt or truncated: {brief(error)})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a digi2real evaluate checkpoint")
+    wrong = [
+        name
+        for name, kind in CHECKPOINT_FIELDS.items()
+        if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool)
+    ]
+    if wrong:
+        raise ValueError(
+            f"{path} is a damaged digi2real evaluate checkpoint: {', '.join(wrong)} missing or "
+            "of the wrong type"
+        )
+    config, weights = state["config"], state["backbone"]
+    fc = weights.get("fc.weight")
+    if (
+        config.get("backbone") not in BACKBONES
+        or not isinstance(fc, torch.Tensor)
+        or fc.ndim != 2
+        or config.get("embedding_size") != fc.shape[0]
+    ):
+        raise ValueError(
+            f"{path} is a damaged digi2real evaluate checkpoint: its config's backbone "
+            f"{config.get('backbone')!r:.40} and embedding_size "
+            f"{config.get('embedding_size')!r:.40} do not describe its weights"
+        )
     return state
+
+
+def _pickled_global(path: Path) -> str | None:
+    """The first global (``module.name``) a raw pickle file asks for, or None; read with
+    :mod:`pickletools`, which runs nothing (torch refuses a protocol-4 pickle before it reads
+    as far as its STACK_GLOBAL, so its own message does not say)."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, arg, _ in pickletools.genops(handle):
+                if opcode.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if opcode.name == "STACK_GLOBAL":
+                    return ".".join(strings[-2:])
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle at all: random bytes, a damaged archive
+        return None
+    return None
+
+
+def checkpoint_backbone(state: dict[str, Any], path: Path) -> nn.Module:
+    """The backbone a checkpoint from :func:`load_checkpoint` holds, with its weights."""
+    config = state["config"]
+    try:
+        module = get_backbone(config["backbone"], config["embedding_size"])
+        module.load_state_dict(state["backbone"])
+    except (RuntimeError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{path}: its backbone weights do not fit a {config['backbone']}: {brief(error)}"
+        ) from None
+    return module
+
+
+def brief(error: BaseException, limit: int = 200) -> str:
+    """A library's message on one line, cut to ``limit`` characters (torch's state-dict
+    errors list every key, on many lines)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_resume(config: TrainConfig, saved: dict[str, Any], world_size: int, path: Path) -> None:
@@ -315,6 +424,10 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     checkpoint_path = out / CHECKPOINT_NAME
     if config.resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"--resume given but there is no {checkpoint_path}")
+    # read and checked before anything is written: a checkpoint refused leaves CKPT_DIR as it was
+    state = load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
+    if state is not None:
+        _check_resume(config, state, world_size, checkpoint_path)
     if rank == 0:
         fsio.make_dirs(out)
         # a run killed mid-write leaves its temporary files; the committed ones are intact,
@@ -363,15 +476,19 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world_size: int
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     step, epoch, step_in_epoch = 0, 0, 0
-    if checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        _check_resume(config, state, world_size, checkpoint_path)
-        model.backbone.load_state_dict(state["backbone"])
-        model.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+    if state is not None:
+        try:
+            model.backbone.load_state_dict(state["backbone"])
+            model.head.load_state_dict(state["head"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
+            raise ValueError(
+                f"cannot resume from {checkpoint_path}: its saved state does not fit this run "
+                f"({brief(error)})"
+            ) from None
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         logger.info("resuming %s at epoch %d, step %d", checkpoint_path, epoch, step)
 

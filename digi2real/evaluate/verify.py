@@ -33,8 +33,14 @@ from torch import nn
 from digi2real.data import fsio
 from digi2real.evaluate.backbones import get_backbone
 from digi2real.evaluate.bins import IMAGE_SIZE, decode_images, load_bin
-from digi2real.evaluate.choices import BENCHMARKS, DEFAULT_NAMES
-from digi2real.evaluate.train import BACKBONE_NAME, CHECKPOINT_NAME, load_checkpoint
+from digi2real.evaluate.choices import BACKBONES, BENCHMARKS, DEFAULT_NAMES
+from digi2real.evaluate.train import (
+    BACKBONE_NAME,
+    CHECKPOINT_NAME,
+    brief,
+    checkpoint_backbone,
+    load_checkpoint,
+)
 from digi2real.weights.face_config import FACE_CONFIG, RecognizerSpec
 
 logger = logging.getLogger(__name__)
@@ -356,19 +362,38 @@ def load_backbone(path: str | Path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        return _safetensors_backbone(path)
+    return checkpoint_backbone(load_checkpoint(path), path)
 
+
+def _safetensors_backbone(path: Path) -> nn.Module:
+    """A ``backbone.safetensors`` written by training; a corrupt or foreign one is one
+    ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        if "backbone" not in metadata or "embedding_size" not in metadata:
-            raise ValueError(f"{path}: no backbone/embedding_size metadata")
-        module = get_backbone(metadata["backbone"], int(metadata["embedding_size"]))
-        module.load_state_dict(load_file(str(path)))
-        return module
-    state = load_checkpoint(path)
-    module = get_backbone(state["config"]["backbone"], int(state["config"]["embedding_size"]))
-    module.load_state_dict(state["backbone"])
+        weights = load_file(str(path))
+    except (SafetensorError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {brief(error)}") from None
+    name, size, fc = (
+        metadata.get("backbone"),
+        metadata.get("embedding_size"),
+        weights.get("fc.weight"),
+    )
+    # the size read from the weights, not the metadata: a tampered number allocates nothing
+    if name not in BACKBONES or fc is None or fc.ndim != 2 or size != str(fc.shape[0]):
+        raise ValueError(
+            f"{path}: its backbone/embedding_size metadata ({name!r:.40}, {size!r:.40}) do "
+            "not describe its weights"
+        )
+    try:
+        module = get_backbone(name, fc.shape[0])
+        module.load_state_dict(weights)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{path}: its weights do not fit a {name}: {brief(error)}") from None
     return module
 
 
@@ -441,10 +466,11 @@ def verify(
         if spec is None:
             spec, spec_source = recognizer_spec(model)
         preprocessing = spec_record(spec, spec_source or "given")
-        logger.info("%s preprocessing: %s", model, describe_preprocessing(preprocessing))
     elif not callable(model):
         preprocessing = copy.deepcopy(TRAINING_PREPROCESSING)
-    embedder = load_embedder(model, device, batch_size, spec)
+    embedder = load_embedder(model, device, batch_size, spec)  # a model refused logs nothing
+    if is_onnx(model) and preprocessing is not None:
+        logger.info("%s preprocessing: %s", model, describe_preprocessing(preprocessing))
     label = model_name or (str(model) if not callable(model) else type(model).__name__)
     report = VerificationReport(model=label, preprocessing=preprocessing)
     for name, path in zip(names, paths, strict=True):

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 logger = logging.getLogger(__name__)
 
@@ -14,6 +15,19 @@ CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+# what onnxruntime raises for a file that is no model it can run (random bytes, a truncated
+# or tampered graph, an operator it lacks); its other errors are the runtime's own
+_MODEL_ERRORS = tuple(
+    getattr(ort_state, name)
+    for name in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoModel", "NotImplemented")
+    if hasattr(ort_state, name)
+)
+_RUNTIME_ERRORS = tuple(
+    value
+    for value in vars(ort_state).values()
+    if isinstance(value, type) and issubclass(value, Exception) and value not in _MODEL_ERRORS
+)
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -58,7 +72,14 @@ def make_session(
     # On CUDA, ask for deterministic kernels (cuDNN algorithm choice), like the CPU path.
     options.use_deterministic_compute = True
 
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except _MODEL_ERRORS as error:
+        raise ValueError(f"{path} is not a usable ONNX model: {_reason(error)}") from None
+    except _RUNTIME_ERRORS as error:
+        if "Load model" in str(error):  # FAIL while loading: the graph is broken
+            raise ValueError(f"{path} is not a usable ONNX model: {_reason(error)}") from None
+        raise RuntimeError(f"onnxruntime could not open {path}: {_reason(error)}") from None
     # onnxruntime-gpu lists CUDA as available even without a usable GPU and silently
     # falls back to CPU, so only the session's own provider list tells the truth.
     live = session.get_providers()
@@ -68,3 +89,10 @@ def make_session(
         )
     logger.debug("session %s: providers %s", path.name, live)
     return session
+
+
+def _reason(error: Exception) -> str:
+    """onnxruntime's message without its ``[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load
+    model from PATH failed:`` preamble, on one line."""
+    text = " ".join(str(error).split())
+    return text.split("failed:", 1)[1].strip() if "failed:" in text else text

@@ -20,6 +20,7 @@ from digi2real.weights.manifest import (
     check_groups,
     entry_for,
     load_package_manifest,
+    read_dir_manifest,
     sha256_file,
     verify,
     write_dir_manifest,
@@ -48,10 +49,10 @@ def download(
     wanted = set(check_groups(list(with_)))
     previous: dict[str, dict[str, Any]] = {}
     if (root / DIR_MANIFEST).is_file():
-        previous = {
-            e["path"]: e
-            for e in json.loads((root / DIR_MANIFEST).read_text(encoding="utf-8"))["files"]
-        }
+        try:
+            previous = {e["path"]: e for e in read_dir_manifest(root)["files"]}
+        except ValueError as error:  # rewritten below: its records are not trusted
+            logger.warning("%s; every file is fetched or hashed again", error)
     package = load_package_manifest()["files"]
     # a stand-in placed by hand makes fetching the file it replaces unnecessary
     placed = {

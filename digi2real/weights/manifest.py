@@ -197,6 +197,54 @@ def _dir_digest(files: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
+# what each file entry of a dir's manifest.json holds (other keys: licence, source, trust...)
+_ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "path": str,
+    "size": int,
+    "sha256": str,
+    "component": str,
+    "optional": (str, type(None)),
+    "alternative_to": (str, type(None)),
+}
+
+
+def read_dir_manifest(root: Path) -> dict[str, Any]:
+    """``root/manifest.json``, checked: a mapping of a known format and profile whose
+    ``files`` are entries with a relative path inside ``root``, a size and a sha256. A file that
+    is not (invalid JSON, a list, a field of the wrong type) is one ValueError naming it."""
+    path = root / DIR_MANIFEST
+    rewrite = (
+        f"`digi2real weights download --dir {_arg(root)}` (or `digi2real weights tiny --dir "
+        f"{_arg(root)} --force`) rewrites it"
+    )
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {rewrite}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must be a JSON object, got {type(manifest).__name__}; {rewrite}")
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("profile") not in PROFILES:
+        raise ValueError(f"{path} is not a digi2real weights manifest (format/profile); {rewrite}")
+    files = manifest.get("files")
+    if not isinstance(manifest.get("digest"), str) or not isinstance(files, list):
+        raise ValueError(f"{path}: 'digest' must be text and 'files' a list; {rewrite}")
+    for index, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: files[{index}] must be a JSON object; {rewrite}")
+        for name, kind in _ENTRY_FIELDS.items():
+            value = entry.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(
+                    f"{path}: files[{index}].{name} is missing or of the wrong type; {rewrite}"
+                )
+        rel = Path(entry["path"])
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError(
+                f"{path}: files[{index}].path {entry['path']!r:.80} is not a path inside {root}"
+            )
+    return manifest
+
+
 def open_weights(root: str | Path) -> WeightsDir:
     """Open a weights dir written by ``digi2real weights download`` or ``weights tiny``.
 
@@ -216,10 +264,7 @@ def open_weights(root: str | Path) -> WeightsDir:
             f"--dir {root}` for the real weights or `digi2real weights tiny --dir {root}` for the "
             "tiny test profile"
         )
-    with open(manifest_path, encoding="utf-8") as handle:
-        manifest = json.load(handle)
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("profile") not in PROFILES:
-        raise ValueError(f"{manifest_path} is not a digi2real weights manifest (format/profile)")
+    manifest = read_dir_manifest(root)
     files = manifest["files"]
     for entry in files:
         path = root / entry["path"]
@@ -262,8 +307,8 @@ def verify(root: str | Path) -> VerifyResult:
             ],
             0,
         )
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    profile = manifest.get("profile")
+    manifest = read_dir_manifest(root)
+    profile = manifest["profile"]
     package = {e["path"]: e for e in load_package_manifest()["files"]} if profile == "real" else {}
 
     def fix(rel: str) -> str:
@@ -275,7 +320,7 @@ def verify(root: str | Path) -> VerifyResult:
 
     problems: list[str] = []
     present: set[str] = set()
-    for entry in manifest.get("files", []):
+    for entry in manifest["files"]:
         rel = entry["path"]
         path = root / rel
         present.add(rel)

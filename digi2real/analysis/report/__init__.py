@@ -181,6 +181,9 @@ def build_report(
             f"{contact_identities} and {identities_per_sheet}"
         )
     dataset = open_dataset(out_dir)
+    # the inputs are read (and a bad one refused) before anything is written
+    gallery = location(gallery) if gallery is not None else None  # a path or a URL
+    real = load_gallery(gallery, gallery_embedder) if gallery is not None else None
     out = OutLayout(dataset.out_dir)
     report_dir = fsio.make_dirs(out.report)
     generation_outputs = dataset.outputs
@@ -218,9 +221,7 @@ def build_report(
     report["domain_gap"] = None
     if dataset.weights_profile == "tiny":
         report["notice"] = TINY_REPORT_NOTICE
-    if gallery is not None:
-        gallery = location(gallery)  # a path or a URL
-        real = load_gallery(gallery, gallery_embedder)
+    if gallery is not None and real is not None:
         report["leakage"] = leakage_figures(
             dataset.outputs,
             dataset.codes,

@@ -13,9 +13,9 @@ import numpy as np
 
 from digi2real.analysis import metrics
 from digi2real.data import layout
-from digi2real.data.embeddings import EmbeddingSet, load_embeddings
+from digi2real.data.embeddings import EmbeddingSet, load_embeddings, read_embedding_array
 from digi2real.data.layout import OutLayout
-from digi2real.data.manifest import parquet_rows, read_npy, read_table
+from digi2real.data.manifest import parquet_rows, read_table
 from digi2real.data.store import is_url, location
 
 logger = logging.getLogger(__name__)
@@ -38,21 +38,76 @@ class Dataset:
     weights_profile: str | None = None  # "tiny": random weights, the images are noise
 
 
+# the sections runner/finalize writes into config.yaml: each a mapping, or null
+RECORD_SECTIONS = ("config", "weights", "shift", "lora", "environment", "attributes")
+
+
 def read_run_config(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the full config, the whole config.yaml record) of a converted dataset; both empty
-    when it has no config.yaml."""
-    import yaml
+    when it has no config.yaml. A file that is not such a record (not YAML, not a mapping, an
+    unknown section, a config field of the wrong type or unknown) is one ValueError naming
+    it."""
+    from digi2real.config import read_yaml
 
     path = OutLayout(out_dir).config
     if not path.is_file():
         logger.warning("%s not found: source renders will not be shown", path)
         return {}, {}
-    with path.open(encoding="utf-8") as handle:
-        record = yaml.safe_load(handle) or {}
-    from digi2real.config import merge_environment
+    record = read_yaml(path)
+    return _checked_record(record, path)
 
-    # the saved config keeps host paths (source root...) under its environment section
-    return (merge_environment(record) if "config" in record else record), record
+
+def _checked_record(record: Any, path: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from digi2real.config import (
+        HOST_PATH_FIELDS,
+        PLACEMENT_FIELDS,
+        Config,
+        ConfigError,
+        merge_environment,
+    )
+
+    if record is None:
+        raise ValueError(f"{path} is empty: it should hold the run's config and environment")
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: must be a mapping of sections, got {type(record).__name__}")
+    for section in RECORD_SECTIONS:
+        _mapping(record.get(section), path, section)
+    if not isinstance((record.get("weights") or {}).get("profile"), str | None):
+        raise ValueError(f"{path}: weights.profile must be text")
+    if "config" not in record:
+        # a bare config (hand-made OUTs; no digi2real wrote one): what the report reads of it
+        source = _mapping(record.get("source"), path, "source")
+        if not isinstance(source.get("root"), str | None):
+            raise ValueError(f"{path}: source.root must be text")
+        return record, record
+    unknown = sorted(str(key) for key in record if key not in RECORD_SECTIONS)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(RECORD_SECTIONS)}"
+        )
+    _mapping(record["config"], path, "config", required=True)
+    environment = record.get("environment") or {}
+    for group, names in (("placement", PLACEMENT_FIELDS), ("paths", HOST_PATH_FIELDS)):
+        fields = _mapping(environment.get(group), path, f"environment.{group}")
+        stray = sorted(str(key) for key in fields if key not in names)
+        if stray:
+            raise ValueError(
+                f"{path}: environment.{group} holds unknown field(s) {', '.join(stray)}"
+            )
+    config = merge_environment(record)
+    try:
+        Config.from_dict(config, where=str(path))
+    except ConfigError as error:
+        raise ValueError("; ".join(error.problems)) from None
+    return config, record
+
+
+def _mapping(value: Any, path: Any, section: str, *, required: bool = False) -> dict[str, Any]:
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {section} must be a mapping, got {type(value).__name__}")
+    return value
 
 
 def open_dataset(out_dir: str | Path) -> Dataset:
@@ -86,7 +141,7 @@ def open_dataset(out_dir: str | Path) -> Dataset:
     for path in (out.outputs, out.targets):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the report needs the run's embeddings")
-        array = read_npy(path, mmap=True)
+        array = read_embedding_array(path, mmap=True)
         metrics.check_float32(array, str(path))
         if array.shape[0] != table.num_rows:
             raise ValueError(f"{path} has {array.shape[0]} rows for {table.num_rows} manifest rows")

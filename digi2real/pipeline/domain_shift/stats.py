@@ -268,7 +268,9 @@ class ConditioningStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ConditioningStats:
-        """Read and validate a stats file written by :meth:`save`."""
+        """Read and validate a stats file written by :meth:`save`: a truncated, corrupt or
+        tampered file is one ValueError naming it, never a library's traceback."""
+        from safetensors import SafetensorError
         from safetensors.numpy import load
 
         path = Path(path)
@@ -290,7 +292,11 @@ class ConditioningStats:
             meta = json.loads(metadata["meta"])
         except (KeyError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} has no valid JSON 'meta' entry: {error}") from error
-        tensors = load(data)
+        meta = _checked_meta(meta, path)
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError, TypeError) as error:
+            raise ValueError(f"{path} is not a valid safetensors file: {error}") from None
         missing = [name for name in ("count", "mean", "m2") if name not in tensors]
         if missing:
             raise ValueError(f"{path} lacks tensor(s) {', '.join(missing)}")
@@ -303,7 +309,7 @@ class ConditioningStats:
         if mean.dtype != np.float64 or m2.dtype != np.float64:
             raise ValueError(f"{path}: mean/m2 must be float64, got {mean.dtype}/{m2.dtype}")
         n = float(count.reshape(()))
-        if not (n >= 1 and n == math.floor(n)):
+        if not (math.isfinite(n) and n >= 1 and n == math.floor(n)):
             raise ValueError(f"{path}: count must be a positive integer, got {n}")
         if not (np.isfinite(mean).all() and np.isfinite(m2).all()) or (m2 < 0).any():
             raise ValueError(f"{path}: mean/m2 must be finite and m2 non-negative")
@@ -313,13 +319,13 @@ class ConditioningStats:
                 kind=meta["kind"],
                 encoder_digest=meta["encoder_digest"],
                 source=meta["source"],
-                created_by=meta.get("created_by", ""),
-                max_samples=int(meta.get("max_samples", 0)),
+                created_by=meta["created_by"],
+                max_samples=meta["max_samples"],
                 version=meta["version"],
             )
-        except KeyError as error:
-            raise ValueError(f"{path}: metadata lacks {error}") from error
-        stats.parts = list(meta.get("parts", []))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        stats.parts = meta["parts"]
         stats.count = int(n)
         stats.mean = mean
         stats.m2 = m2
@@ -327,6 +333,7 @@ class ConditioningStats:
             samples, keys = tensors["samples"], tensors.get("sample_keys")
             if (
                 keys is None
+                or samples.ndim != 3
                 or samples.shape[1:] != mean.shape
                 or keys.shape != (samples.shape[0],)
                 or samples.shape[0] > min(stats.max_samples, stats.count)
@@ -340,6 +347,52 @@ class ConditioningStats:
             stats.sample_keys = keys.astype(np.int64, copy=False)
         stats._file_sha256 = hashlib.sha256(data).hexdigest()
         return stats
+
+
+# the JSON 'meta' entry of a stats file: field -> (type, default when absent)
+_META_FIELDS: dict[str, tuple[type, Any]] = {
+    "kind": (str, None),
+    "encoder_digest": (str, None),
+    "source": (str, None),
+    "version": (str, None),
+    "created_by": (str, ""),
+    "max_samples": (int, 0),
+    "parts": (list, []),
+}
+_JSON_TYPES = {str: "string", int: "integer", list: "list"}
+
+
+def _checked_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """The 'meta' entry with every field present (defaults filled in) and of its type."""
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{path}: its 'meta' entry must be a JSON object, got {type(meta).__name__}"
+        )
+    checked = {}
+    for name, (kind, default) in _META_FIELDS.items():
+        value = meta.get(name, default)
+        if value is None:
+            raise ValueError(f"{path}: metadata lacks {name!r}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(
+                f"{path}: metadata {name!r} must be a JSON {_JSON_TYPES[kind]}, got {value!r:.60}"
+            )
+        checked[name] = value
+    if checked["max_samples"] < 0:
+        raise ValueError(
+            f"{path}: metadata 'max_samples' must be >= 0, got {checked['max_samples']}"
+        )
+    for part in checked["parts"]:  # merged files: what each merged file held
+        if not (
+            isinstance(part, dict)
+            and isinstance(part.get("source"), str)
+            and isinstance(part.get("count"), int)
+        ):
+            raise ValueError(
+                f"{path}: metadata 'parts' must be a list of objects with a 'source' string "
+                f"and a 'count' integer, got {part!r:.60}"
+            )
+    return checked
 
 
 _SAFETENSORS_DTYPES = {
@@ -380,7 +433,14 @@ def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
         header = json.loads(data[8 : 8 + header_len])
     except (struct.error, ValueError) as error:
         raise ValueError(f"{path} is not a safetensors file: {error}") from error
-    return dict(header.get("__metadata__") or {})
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(value, str) for value in metadata.values()
+    ):
+        raise ValueError(f"{path}: its __metadata__ must map names to strings")
+    return metadata
 
 
 def _chan(
