@@ -4,6 +4,12 @@ The licence chain comes from the weights manifest (every file with its licence, 
 ``commercial`` flag) plus the source dataset's licence. When any link forbids commercial
 use the card says so in its first lines, because that restriction travels with the data.
 The content is deterministic: no timestamps, no absolute paths of the machine that wrote it.
+
+Every string that is not the card's own (licence texts and URLs, config values, names of
+files, a gallery, a LoRA) is escaped: as Markdown text by ``_cell`` (one line, no table
+``|``, no HTML, no link, no code span), as a code span by ``_code``; the effective config is
+fenced by more backticks than it holds, and the Hub card's metadata is written by a YAML
+dumper. Ordinary text (one line, single spaces, none of ``| < > & [ ] \\ ` ``) is written as it is.
 """
 
 from __future__ import annotations
@@ -125,7 +131,8 @@ def _generation(config: dict[str, Any], lora: dict[str, Any] | None) -> list[str
     """How the images were sampled: what sets their cost and their look."""
     gen = config.get("generation") or {}
     lora_text = (
-        f"`{lora['name']}` (sha256 {lora['sha256'][:16]}..., scale {lora['scale']:g}), fused"
+        f"{_code(lora['name'], table=True)} (sha256 {_cell(lora['sha256'][:16])}..., scale "
+        f"{lora['scale']:g}), fused"
         if lora
         else "none"
     )
@@ -134,10 +141,10 @@ def _generation(config: dict[str, Any], lora: dict[str, Any] | None) -> list[str
         "",
         "| setting | value |",
         "|---|---|",
-        f"| sampler | {gen.get('sampler', 'n/a')}, {gen.get('steps', 'n/a')} steps, guidance "
-        f"{gen.get('guidance', 'n/a')} |",
+        f"| sampler | {_cell(gen.get('sampler', 'n/a'))}, {_cell(gen.get('steps', 'n/a'))} "
+        f"steps, guidance {_cell(gen.get('guidance', 'n/a'))} |",
         f"| LoRA | {lora_text} |",
-        f"| decoder | {gen.get('decoder', 'vae')} |",
+        f"| decoder | {_cell(gen.get('decoder', 'vae'))} |",
         "",
     ]
 
@@ -173,7 +180,7 @@ def _headline(report: dict[str, Any]) -> list[str]:
         )
     if leakage:
         lines.append(
-            f"| identities leaking into gallery `{leakage.get('gallery')}` "
+            f"| identities leaking into gallery {_code(leakage.get('gallery'), table=True)} "
             f"(cosine >= {_fmt(leakage.get('threshold'))}) | {_fmt(leakage.get('num_leaks'))} |"
         )
     else:
@@ -216,7 +223,8 @@ def render_dataset_card(
     if restricted:
         lines += [
             "> **NON-COMMERCIAL USE ONLY.** At least one link in this dataset's licence chain "
-            "forbids commercial use: " + "; ".join(restricted) + ". The generated images and "
+            "forbids commercial use: " + "; ".join(_cell(link) for link in restricted) + ". "
+            "The generated images and "
             "labels inherit that restriction.",
             "",
         ]
@@ -258,23 +266,19 @@ def render_dataset_card(
         "unknown" if not source["known"] else ("no" if source["non_commercial"] else "yes")
     )
     lines.append(
-        f"| source dataset | {source_text} | {source['license_url'] or ''} | {source_flag} |"
+        f"| source dataset | {_cell(source_text)} | {_cell(source['license_url'] or '')} | "
+        f"{source_flag} |"
     )
     for row in license_rows:
-        files = ", ".join(f"`{path}`" for path in row["files"])
+        files = ", ".join(_code(path, table=True) for path in row["files"])
         lines.append(
-            f"| {row['component']}: {files} | {row['license']} | {row['license_url']} | "
-            f"{'no' if row['non_commercial'] else 'yes'} |"
+            f"| {_cell(row['component'])}: {files} | {_cell(row['license'])} | "
+            f"{_cell(row['license_url'])} | {'no' if row['non_commercial'] else 'yes'} |"
         )
-    lines += [
-        "",
-        "## Effective config",
-        "",
-        "```yaml",
-        yaml.safe_dump(_portable_config(config), sort_keys=True, allow_unicode=True).rstrip(),
-        "```",
-        "",
-    ]
+    effective = yaml.safe_dump(_portable_config(config), sort_keys=True, allow_unicode=True)
+    # a fence longer than any run of backticks in the text: nothing inside can close it
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", effective)), default=0))
+    lines += ["", "## Effective config", "", f"{fence}yaml", effective.rstrip(), fence, ""]
     return "\n".join(lines)
 
 
@@ -321,15 +325,24 @@ def _attributes(attributes: dict[str, Any] | None) -> list[str]:
 
 
 def _cell(value: Any) -> str:
-    """User text inside the card's Markdown prose: no markup, no HTML."""
+    """User text in the card's Markdown, prose or a table cell: one line (any run of
+    whitespace, newlines included, is one space), no HTML (``& < >`` as entities), no table
+    ``|``, no link (``[ ]`` escaped, and ``\\`` so that no escape can be undone), no code
+    span (a backtick becomes ``'``)."""
     import html
 
-    return html.escape(" ".join(str(value).split())).replace("`", "'").replace("|", "\\|")
+    text = html.escape(" ".join(str(value).split()), quote=False).replace("`", "'")
+    return re.sub(r"([\\|\[\]])", r"\\\1", text)
 
 
-def _code(value: Any) -> str:
-    """User text as a Markdown code span (nothing inside one is markup or HTML)."""
-    return "`" + " ".join(str(value).split()).replace("`", "'") + "`"
+def _code(value: Any, *, table: bool = False) -> str:
+    """User text as a Markdown code span (nothing inside one is markup or HTML); ``table``:
+    inside a table cell, where a ``|`` would end the cell even within the span unless an odd
+    number of backslashes precedes it."""
+    text = " ".join(str(value).split()).replace("`", "'")
+    if table:
+        text = re.sub(r"(\\*)\|", lambda match: match.group(1) * 2 + "\\|", text)
+    return "`" + text + "`"
 
 
 def hub_metadata(

@@ -95,7 +95,7 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
                 "images per identity": counts["images_per_identity"],
             }
         ),
-        f"<h2>Collisions (centroid cosine &ge; {report['thresholds']['collision']})</h2>",
+        f"<h2>Collisions (centroid cosine &ge; {_text(report['thresholds']['collision'])})</h2>",
         _table(
             ("a", "label a", "b", "label b", "score"),
             [
@@ -107,7 +107,7 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
     if leakage:
         parts += [
             f"<h2>Leakage against {html_lib.escape(str(leakage['gallery']))} "
-            f"(cosine &ge; {leakage['threshold']})</h2>",
+            f"(cosine &ge; {_text(leakage['threshold'])})</h2>",
             _table(
                 ("identity", "label", "gallery identity", "score", "matched by", "image"),
                 [
@@ -124,7 +124,7 @@ def write_html(report: dict[str, Any], report_dir: Path, *, embed_images: bool =
             ),
         ]
     parts += [
-        f"<h2>Near duplicates (cosine &ge; {report['thresholds']['near_duplicate']})</h2>",
+        f"<h2>Near duplicates (cosine &ge; {_text(report['thresholds']['near_duplicate'])})</h2>",
         _table(
             ("identity", "a", "b", "score"),
             [
