@@ -154,7 +154,9 @@ class InterpolationConfig(Section):
             raise ValueError("shares are relative weights: their sum must be a finite number")
         if total <= 0:
             raise ValueError("must give some kind a positive share")
-        return mix
+        # normalised at load: config.yaml records the shares the run uses (a mix that already
+        # sums to 1, as the presets do, is kept as written)
+        return mix if total == 1.0 else {kind: share / total for kind, share in mix.items()}
 
     @field_validator("slerp_t")
     @classmethod

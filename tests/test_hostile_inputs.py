@@ -148,6 +148,21 @@ def test_mix_whose_sum_overflows_is_refused(world, argv, tmp_path, capsys):
     assert "interpolation.mix" in line and "sum must be a finite number" in line
 
 
+def test_mix_is_normalised_at_load_and_a_normalised_mix_is_kept_as_written():
+    from digi2real.config import InterpolationConfig
+
+    huge = InterpolationConfig(mix={"source": 1.0e307, "slerp": 3.0e307}).mix
+    assert huge == {"source": 0.25, "slerp": 0.75}
+    config = Config.preset_named("tiny")
+    config.interpolation.mix = {"slerp": 2.0, "dirichlet": 2.0}  # a Python override too
+    assert config.interpolation.mix == {"slerp": 0.5, "dirichlet": 0.5}
+    assert Config.preset_named("default").interpolation.mix == {
+        "source": 0.2,
+        "slerp": 0.5,
+        "dirichlet": 0.3,
+    }
+
+
 # -- configs (case 8, 10) ----------------------------------------------------------------------
 
 
