@@ -82,6 +82,20 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that writes an object met twice in full, twice: what digi2real
+    writes, :func:`read_yaml` (which refuses aliases) and any other reader read back."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(data: Any, *, sort_keys: bool = True) -> str:
+    """The one YAML writer (config.yaml, the dataset card): safe types, UTF-8 text as is, no
+    aliases."""
+    return yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=sort_keys, allow_unicode=True)
+
+
 def read_yaml(path: Any) -> Any:
     """The YAML document in ``path`` (a local path, or an object-store path with
     ``read_bytes``), safely: no tags, no aliases, UTF-8. A file that is not one is a

@@ -166,6 +166,16 @@ def test_mix_is_normalised_at_load_and_a_normalised_mix_is_kept_as_written():
 # -- configs (case 8, 10) ----------------------------------------------------------------------
 
 
+def test_what_digi2real_writes_as_yaml_it_reads_back_without_aliases(tmp_path):
+    from digi2real.config import dump_yaml, read_yaml
+
+    shared = [127.5, 127.5, 127.5]
+    record = {"mean": shared, "std": shared, "name": "ünï"}
+    (path := tmp_path / "config.yaml").write_text(dump_yaml(record), encoding="utf-8")
+    assert "&" not in path.read_text(encoding="utf-8")  # yaml.safe_dump writes &id001 here
+    assert read_yaml(path) == record
+
+
 def test_yaml_alias_bomb_is_one_short_line(world, argv, tmp_path, capsys):
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for level in range(1, 9):

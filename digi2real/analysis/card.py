@@ -19,9 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from digi2real.config import merge_environment
+from digi2real.config import dump_yaml, merge_environment, read_yaml
 from digi2real.data import fsio, layout
 from digi2real.data.layout import OutLayout
 from digi2real.data.manifest import parquet_rows, read_table
@@ -275,7 +273,7 @@ def render_dataset_card(
             f"| {_cell(row['component'])}: {files} | {_cell(row['license'])} | "
             f"{_cell(row['license_url'])} | {'no' if row['non_commercial'] else 'yes'} |"
         )
-    effective = yaml.safe_dump(_portable_config(config), sort_keys=True, allow_unicode=True)
+    effective = dump_yaml(_portable_config(config))
     # a fence longer than any run of backticks in the text: nothing inside can close it
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", effective)), default=0))
     lines += ["", "## Effective config", "", f"{fence}yaml", effective.rstrip(), fence, ""]
@@ -414,7 +412,7 @@ def render_hub_card(**card: Any) -> str:
         "every image's provenance (source renders, interpolation, seed, similarity).",
         "",
     ]
-    front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).rstrip()
+    front = dump_yaml(metadata, sort_keys=False).rstrip()
     return "\n".join(["---", front, "---", "", body.rstrip(), "", *loading])
 
 
@@ -441,7 +439,7 @@ def write_card(
 
     paths = OutLayout(out)
     if record is None:
-        record = yaml.safe_load(paths.config.read_text(encoding="utf-8"))
+        record = read_yaml(paths.config)
     if counts is None:
         manifest = read_table(paths.manifest, columns=["identity"])
         counts = {

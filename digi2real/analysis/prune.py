@@ -187,10 +187,9 @@ def prune_dataset(
     copy: bool = False,
 ) -> str:
     """``digi2real prune``: a cleaned copy (or kept keys), formats and card rebuilt there."""
-    import yaml
-
     from digi2real.analysis.card import write_card
     from digi2real.analysis.report import build_report
+    from digi2real.config import read_yaml
     from digi2real.data.writers.assemble import assemble_formats
 
     if not OutLayout(out).report_json.is_file():
@@ -205,7 +204,7 @@ def prune_dataset(
     )
     if keys_only:
         return f"{table.num_rows} kept keys -> {Path(dest) / layout.KEPT_KEYS}"
-    record = yaml.safe_load(OutLayout(dest).config.read_text(encoding="utf-8"))
+    record = read_yaml(OutLayout(dest).config)
     assemble_formats(Path(dest), record["config"]["output"]["formats"], table)
     write_card(Path(dest))
     identities = len(set(table.column("identity").to_pylist()))

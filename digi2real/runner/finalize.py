@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import yaml
 
 from digi2real.analysis.card import write_card
-from digi2real.config import Config, split_environment
+from digi2real.config import Config, dump_yaml, split_environment
 from digi2real.data import fsio, layout, ownership
 from digi2real.data.attributes import resolve_control
 from digi2real.data.layout import OutLayout
@@ -210,9 +209,7 @@ def _finalize(
             "edges": list(control.edges) if control.edges is not None else None,
             **({"table": control.attributes.counts} if control.attributes.counts else {}),
         }
-    fsio.atomic_write_bytes(
-        paths.config, yaml.safe_dump(record, sort_keys=True, allow_unicode=True).encode()
-    )
+    fsio.atomic_write_bytes(paths.config, dump_yaml(record).encode())
     summary = Summary(
         out,
         len(labels),
