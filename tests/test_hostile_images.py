@@ -299,6 +299,27 @@ def test_training_images_are_read_with_the_allow_list(
     assert calls == []
 
 
+def test_a_hostile_rec_record_is_refused_by_name(tmp_path: Path, calls: _Calls) -> None:
+    """A ``.rec`` handed to ``evaluate train`` (a public training set) is untrusted too."""
+    from digi2real.data.writers.recordio import IRHeader, RecordIODataset, frame, pack
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    # record 0: insightface's header (images are ids 1..1, one class); record 1: an EPS "image"
+    records = [pack(IRHeader(2, np.array([2.0, 3.0]), 0, 0)), pack(IRHeader(0, 0.0, 1, 0), EPS)]
+    blob, index = b"", ""
+    for number, record in enumerate(records):
+        index += f"{number}\t{len(blob)}\n"
+        blob += frame(record)
+    (rec / "train.rec").write_bytes(blob)
+    (rec / "train.idx").write_text(index, encoding="ascii")
+    dataset = RecordIODataset(rec)
+    assert len(dataset) == 1
+    with pytest.raises(ImageError, match=re.escape(f"record 0: {REFUSED_EPS}")):
+        dataset[0]
+    assert calls == []
+
+
 def test_contact_sheet_tiles_never_reach_the_eps_plugin(tmp_path: Path, calls: _Calls) -> None:
     from digi2real.analysis.report.attributes import _open_rgb
     from digi2real.analysis.report.pictures import _tile

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from digi2real.data import fsio, layout
+from digi2real.data.images import open_image
 from digi2real.data.store import ObjectPath
 from digi2real.data.writers import Sample, Writer, register_writer
 
@@ -162,7 +162,7 @@ def read_index(path: str | Path) -> dict[int, int]:
 
 def _image_size(data: bytes, key: str) -> tuple[int, int]:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data), path=f"sample {key!r}") as image:
             width, height = image.size
     except Exception as error:  # PIL raises several types for undecodable bytes
         raise ValueError(f"sample {key!r}: data is not a readable image ({error})") from error
@@ -404,6 +404,7 @@ class RecordIODataset:
         label = header.label
         if not isinstance(label, numbers.Real):
             label = np.asarray(label).reshape(-1)[0]
-        with Image.open(io.BytesIO(payload)) as image:
+        # a .rec handed in (a public training set) is untrusted: allowed formats only, no bomb
+        with open_image(io.BytesIO(payload), path=f"{self.rec_dir} record {index}") as image:
             pixels = np.asarray(image.convert("RGB"))
         return (pixels if self.transform is None else self.transform(pixels)), int(label)
