@@ -249,3 +249,24 @@ def test_the_html_report_shows_names_as_text(documents) -> None:
     for name in (*NAMES[:7], LEAKED, GALLERY_FILE):
         assert name in text, name  # shown, as text
     assert html.escape(NAMES[NAMES.index("<script>alert(1)")]) in page
+
+
+def test_verification_table_escapes_model_and_set_names() -> None:
+    from digi2real.evaluate.verify import VerificationReport, VerificationResult
+
+    result = VerificationResult("x", "lfw | fake\n# Injected", 0.9, 0.01, 10, [0.9], [0.5])
+    report = VerificationReport(
+        model="<script>alert(1)</script>\n| a | b |",
+        results=[result],
+        preprocessing={
+            "color": "RGB",
+            "input_size": 112,
+            "mean": [127.5] * 3,
+            "std": [127.5] * 3,
+            "source": "face.json\n# Injected",
+        },
+    )
+    lines = report.to_markdown().splitlines()
+    assert [_cells(line) for line in lines[:3]] == [3, 3, 3]  # Model, one set, Avg
+    assert not [line for line in lines if line.startswith("#") or "<script" in line]
+    assert lines[4].startswith("Preprocessing: RGB 112x112") and "face.json # Injected" in lines[4]

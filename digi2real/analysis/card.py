@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from digi2real import markdown
 from digi2real.config import dump_yaml, merge_environment, read_yaml
 from digi2real.data import fsio, layout
 from digi2real.data.layout import OutLayout
@@ -129,7 +130,7 @@ def _generation(config: dict[str, Any], lora: dict[str, Any] | None) -> list[str
     """How the images were sampled: what sets their cost and their look."""
     gen = config.get("generation") or {}
     lora_text = (
-        f"{_code(lora['name'], table=True)} (sha256 {_cell(lora['sha256'][:16])}..., scale "
+        f"{markdown.code(lora['name'], table=True)} (sha256 {markdown.text(lora['sha256'][:16])}..., scale "
         f"{lora['scale']:g}), fused"
         if lora
         else "none"
@@ -139,10 +140,10 @@ def _generation(config: dict[str, Any], lora: dict[str, Any] | None) -> list[str
         "",
         "| setting | value |",
         "|---|---|",
-        f"| sampler | {_cell(gen.get('sampler', 'n/a'))}, {_cell(gen.get('steps', 'n/a'))} "
-        f"steps, guidance {_cell(gen.get('guidance', 'n/a'))} |",
+        f"| sampler | {markdown.text(gen.get('sampler', 'n/a'))}, {markdown.text(gen.get('steps', 'n/a'))} "
+        f"steps, guidance {markdown.text(gen.get('guidance', 'n/a'))} |",
         f"| LoRA | {lora_text} |",
-        f"| decoder | {_cell(gen.get('decoder', 'vae'))} |",
+        f"| decoder | {markdown.text(gen.get('decoder', 'vae'))} |",
         "",
     ]
 
@@ -178,7 +179,7 @@ def _headline(report: dict[str, Any]) -> list[str]:
         )
     if leakage:
         lines.append(
-            f"| identities leaking into gallery {_code(leakage.get('gallery'), table=True)} "
+            f"| identities leaking into gallery {markdown.code(leakage.get('gallery'), table=True)} "
             f"(cosine >= {_fmt(leakage.get('threshold'))}) | {_fmt(leakage.get('num_leaks'))} |"
         )
     else:
@@ -221,7 +222,9 @@ def render_dataset_card(
     if restricted:
         lines += [
             "> **NON-COMMERCIAL USE ONLY.** At least one link in this dataset's licence chain "
-            "forbids commercial use: " + "; ".join(_cell(link) for link in restricted) + ". "
+            "forbids commercial use: "
+            + "; ".join(markdown.text(link) for link in restricted)
+            + ". "
             "The generated images and "
             "labels inherit that restriction.",
             "",
@@ -264,14 +267,14 @@ def render_dataset_card(
         "unknown" if not source["known"] else ("no" if source["non_commercial"] else "yes")
     )
     lines.append(
-        f"| source dataset | {_cell(source_text)} | {_cell(source['license_url'] or '')} | "
+        f"| source dataset | {markdown.text(source_text)} | {markdown.text(source['license_url'] or '')} | "
         f"{source_flag} |"
     )
     for row in license_rows:
-        files = ", ".join(_code(path, table=True) for path in row["files"])
+        files = ", ".join(markdown.code(path, table=True) for path in row["files"])
         lines.append(
-            f"| {_cell(row['component'])}: {files} | {_cell(row['license'])} | "
-            f"{_cell(row['license_url'])} | {'no' if row['non_commercial'] else 'yes'} |"
+            f"| {markdown.text(row['component'])}: {files} | {markdown.text(row['license'])} | "
+            f"{markdown.text(row['license_url'])} | {'no' if row['non_commercial'] else 'yes'} |"
         )
     effective = dump_yaml(_portable_config(config))
     # a fence longer than any run of backticks in the text: nothing inside can close it
@@ -300,12 +303,12 @@ def _attributes(attributes: dict[str, Any] | None) -> list[str]:
         "## Attributes",
         "",
         f"Every image carries the attributes of the render it was made from (source labels: "
-        f"{_cell(attributes.get('origin'))}), in `{layout.MANIFEST}`, in "
+        f"{markdown.text(attributes.get('origin'))}), in `{layout.MANIFEST}`, in "
         f"`{layout.IMAGES}/{layout.IMAGES_METADATA}` (what `datasets` loads) and in "
         f"`{layout.ANNOTATIONS}/<identity>/<k>.json`. Names ending in `_est` are digi2real's "
         "estimates; the others are the source's ground truth.",
         "",
-        "Columns: " + ", ".join(_code(name) for name in columns),
+        "Columns: " + ", ".join(markdown.code(name) for name in columns),
         "",
     ]
     if attributes.get("geometry"):
@@ -318,29 +321,8 @@ def _attributes(attributes: dict[str, Any] | None) -> list[str]:
         ]
     for key in ("where", "balance"):
         if attributes.get(key):
-            lines += [f"Chosen with {_code(f'--{key} {attributes[key]}')}.", ""]
+            lines += [f"Chosen with {markdown.code(f'--{key} {attributes[key]}')}.", ""]
     return lines
-
-
-def _cell(value: Any) -> str:
-    """User text in the card's Markdown, prose or a table cell: one line (any run of
-    whitespace, newlines included, is one space), no HTML (``& < >`` as entities), no table
-    ``|``, no link (``[ ]`` escaped, and ``\\`` so that no escape can be undone), no code
-    span (a backtick becomes ``'``)."""
-    import html
-
-    text = html.escape(" ".join(str(value).split()), quote=False).replace("`", "'")
-    return re.sub(r"([\\|\[\]])", r"\\\1", text)
-
-
-def _code(value: Any, *, table: bool = False) -> str:
-    """User text as a Markdown code span (nothing inside one is markup or HTML); ``table``:
-    inside a table cell, where a ``|`` would end the cell even within the span unless an odd
-    number of backslashes precedes it."""
-    text = " ".join(str(value).split()).replace("`", "'")
-    if table:
-        text = re.sub(r"(\\*)\|", lambda match: match.group(1) * 2 + "\\|", text)
-    return "`" + text + "`"
 
 
 def hub_metadata(

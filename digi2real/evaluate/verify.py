@@ -41,6 +41,7 @@ from digi2real.evaluate.train import (
     checkpoint_backbone,
     load_checkpoint,
 )
+from digi2real.markdown import text as markdown_text
 from digi2real.weights.face_config import FACE_CONFIG, RecognizerSpec
 
 logger = logging.getLogger(__name__)
@@ -145,9 +146,10 @@ class VerificationReport:
 
     def to_markdown(self) -> str:
         ordered = self.ordered()
-        header = ["Model", *[r.column for r in ordered], "Avg"]
+        # the model's name and the sets' names are user text (file names): escaped
+        header = ["Model", *[markdown_text(r.column) for r in ordered], "Avg"]
         cells = [
-            self.model,
+            markdown_text(self.model),
             *[f"{100 * r.accuracy:.2f} ± {100 * r.std:.2f}" for r in ordered],
             f"{100 * self.average:.2f}",
         ]
@@ -157,7 +159,10 @@ class VerificationReport:
             "| " + " | ".join(cells) + " |",
         ]
         if self.preprocessing is not None:
-            lines += ["", f"Preprocessing: {describe_preprocessing(self.preprocessing)}"]
+            lines += [
+                "",
+                f"Preprocessing: {markdown_text(describe_preprocessing(self.preprocessing))}",
+            ]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
