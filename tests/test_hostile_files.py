@@ -411,3 +411,47 @@ def test_weights_verify_on_a_bad_manifest(case, tmp_path, capsys) -> None:
     manifest.write_bytes(MANIFEST_CASES[case].encode("latin-1"))
     (tmp_path / "arcface.onnx").write_bytes(b"abc")
     refused(capsys, ["weights", "verify", "--dir", str(tmp_path)], manifest)
+
+
+# -- a weights dir's face.json, an OUT's run.json ---------------------------------------------
+
+FACE_CASES: dict[str, str] = {
+    "not JSON": "{recognizer: ",
+    "not UTF-8": "\xff\xfe{}",
+    "a list": "[]",
+    "a section a list": json.dumps({"recognizer": [1], "detector": {}}),
+    "a mean as text": json.dumps({"recognizer": {"mean": "abc"}, "detector": {}}),
+    "a threshold as text": json.dumps({"recognizer": {}, "detector": {"score_threshold": "x"}}),
+}
+
+
+@pytest.mark.parametrize("case", FACE_CASES)
+def test_a_bad_face_json_is_one_error_naming_it(case, tmp_path) -> None:
+    from digi2real.weights.face_config import FACE_CONFIG, load_face_config
+
+    path = tmp_path / FACE_CONFIG
+    path.write_bytes(FACE_CASES[case].encode("latin-1"))
+    with pytest.raises(ValueError) as raised:
+        load_face_config(tmp_path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("content", ['{"config": ', "[]", '{"config": {}, "derived": 3}'])
+def test_a_damaged_run_json_refuses_the_rerun_and_changes_nothing(
+    content, tiny_config, converted, tmp_path
+) -> None:
+    from helpers import fingerprint
+
+    from digi2real.data.layout import OutLayout
+    from digi2real.runner.convert import convert
+
+    out = tmp_path / "out"
+    shutil.copytree(converted, out)
+    run_json = OutLayout(out).run_json
+    run_json.write_text(content, encoding="utf-8")
+    before = fingerprint(out)
+    config = tiny_config(**{"source.identities": "first:2", "generation.steps": 2})
+    with pytest.raises(ValueError, match="damaged; use another OUT, or --overwrite") as raised:
+        convert(config, out, progress=False)
+    assert str(run_json) in str(raised.value)
+    assert fingerprint(out) == before

@@ -212,7 +212,7 @@ def prepare_out(
             ownership.clear(out, delete_foreign=delete_foreign)
         return _new_run(out, plan, record)
     if paths.run_json.is_file():
-        old = json.loads(paths.run_json.read_text(encoding="utf-8"))
+        old = read_run_record(paths.run_json)
         diffs = output_differences(old["config"], record["config"])
         diffs += [
             f"{k}: {old['derived'].get(k)!r} -> {v!r}"
@@ -227,6 +227,26 @@ def prepare_out(
             )
         return load_plan(out, config)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def read_run_record(path: Path | ObjectPath) -> dict[str, Any]:
+    """An OUT's ``run.json`` (what :func:`run_record` wrote); a damaged one is one ValueError
+    naming it, and how to start over."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # not UTF-8, not JSON (a truncated copy, an edit)
+        record = error
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("config"), dict)
+        and isinstance(record.get("derived"), dict)
+    ):
+        why = f"not JSON ({record})" if isinstance(record, ValueError) else "not a run record"
+        raise ValueError(
+            f"{path}: {why}: this OUT's run state is damaged; use another OUT, or --overwrite "
+            "to start over"
+        )
+    return record
 
 
 def _new_run(out: Path | ObjectPath, plan: Plan, record: dict[str, Any]) -> Plan:

@@ -120,13 +120,24 @@ def load_face_config(weights_dir: str | Path) -> tuple[RecognizerSpec, DetectorS
     path = Path(weights_dir) / FACE_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"face config not found: {path}")
-    data: Any = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # not UTF-8, not JSON
+        raise ValueError(f"{path}: not a JSON face config ({error})") from None
     missing = [
         key for key in ("recognizer", "detector") if not isinstance(data, dict) or key not in data
     ]
     if missing:
         raise ValueError(f"{path} lacks section(s) {missing}; expected 'recognizer' and 'detector'")
-    return RecognizerSpec.from_dict(data["recognizer"]), DetectorSpec.from_dict(data["detector"])
+    try:
+        for section in ("recognizer", "detector"):
+            if not isinstance(data[section], dict):
+                raise ValueError(f"'{section}' must be an object")
+        return RecognizerSpec.from_dict(data["recognizer"]), DetectorSpec.from_dict(
+            data["detector"]
+        )
+    except (ValueError, TypeError) as error:  # a value of the wrong type or range
+        raise ValueError(f"{path}: {error}") from None
 
 
 def save_face_config(
