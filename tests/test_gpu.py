@@ -161,7 +161,7 @@ def test_ray_runs_num_gpus_1_actors(cpu_out, source, tiny_config, tmp_path):
 
     config = tiny_config(source, **CONVERT_FIELDS, **{"run.runner": "ray", "run.device": "cuda"})
     gpus = torch.cuda.device_count()
-    ray.init(num_cpus=4, num_gpus=gpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=gpus, include_dashboard=False)
     try:
         where = placement(config, ray.cluster_resources(), 3)
         assert where.gpu and where.actors == min(gpus, 3)

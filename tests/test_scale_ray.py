@@ -225,7 +225,9 @@ def test_ray_cluster_without_shared_storage_gives_the_in_process_bytes(
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new instance of this process's own, never the cluster another test (or an
+    # xdist worker beside this one) started on this machine, which ray.init() would join
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

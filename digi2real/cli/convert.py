@@ -112,7 +112,11 @@ def register(sub: Any) -> None:
     p.add_argument("--shard-size", type=int, help="identities per shard")
     p.add_argument("--devices", help="local workers: 0,1 | all | cpux2")
     p.add_argument("--runner", choices=RUNNERS)
-    p.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+    p.add_argument(
+        "--ray-address",
+        help="a running Ray cluster (default: RAY_ADDRESS, or the cluster `ray start` started "
+        "on this machine, else a local one)",
+    )
     p.add_argument(
         "--num-nodes",
         type=int,

@@ -237,7 +237,8 @@ def run_ray(
     on_result: Callable[[ShardResult], None] = lambda r: None,
 ) -> RunOutcome:
     """Run ``shards`` of ``plan`` on Ray; joins ``run.ray_address`` (or an already initialised
-    Ray), else starts a local instance for the duration of the run."""
+    Ray), else what ``ray.init()`` finds (``RAY_ADDRESS``, or a cluster ``ray start`` started on
+    this machine), else starts a local instance for the duration of the run."""
     ray = import_ray()
     outcome = RunOutcome()
     todo = list(shards)
